@@ -1,0 +1,271 @@
+"""SAMCallback: SAM and its variants for any LightningModule with automatic optimization.
+
+How a step runs (Lightning 2.6, automatic optimization)::
+
+    on_train_batch_start      keep the (micro-)batch; switch DDP's gradient sync off for a local pass 1
+    training_step + backward  Lightning's own closure: pass 1 -> g (all micro-batches of the window)
+    on_before_optimizer_step  (here) ascend w <- w + e; pass 2: training_step + backward at w + e on the same
+                              batches through trainer.strategy (DDP all-reduce, autocast, GradScaler);
+                              unscale pass 2 (16-mixed); descent gradient; restore w bit-exactly
+    gradient clipping         Lightning's, on the unscaled descent gradient
+    optimizer.step()          the user's optimizer, untouched
+
+Pass 2 has no side effect the user can see: ``self.log`` calls are not recorded again, torchmetrics states
+and BatchNorm running statistics are as pass 1 left them (see :mod:`lightning_sam.side_effects`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_sam import amp
+from lightning_sam.distributed import all_reduce_max_, check_static_graph, check_strategy, set_gradient_sync, world_size
+from lightning_sam.engine import SAMEngine
+from lightning_sam.side_effects import SecondPassGuard
+from lightning_sam.variants import make_variant, variant_class
+
+
+def loss_from_output(output: Any) -> Tensor | None:
+    """The loss in a ``training_step`` output: the tensor itself, ``output["loss"]``, or None."""
+    if output is None:
+        return None
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "loss" not in output:
+            raise RuntimeError("training_step returned a dict without a 'loss' key; SAM needs the loss to re-run it")
+        return output["loss"]
+    raise RuntimeError(f"training_step returned a {type(output).__name__}; expected a Tensor, a dict or None")
+
+
+def grad_scaler_of(trainer: Trainer) -> torch.amp.GradScaler | None:
+    """The GradScaler of the 16-mixed precision plugin, or None (32-true, bf16-mixed, ...)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _optimizer_grads(optimizer: Optimizer) -> list[Tensor]:
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+class SAMCallback(Callback):
+    """Train any automatic-optimization LightningModule with SAM or one of its variants. No module changes.
+
+    Args:
+        variant: one of :func:`lightning_sam.available_variants` (``"sam"``, ``"asam"``, ...).
+        rho: neighbourhood radius; ``None`` takes the variant's default (SAM 0.05, ASAM 0.5).
+        sync_ascent: under DDP, all-reduce pass 1 too (global-gradient SAM). Default False: each rank ascends
+            with its own gradient (the paper's m-sharpness; half the communication); pass 2 always all-reduces.
+        **variant_options: the variant's options, named as in ALGORITHMS.md (ASAM: ``eta``).
+
+    Example::
+
+        trainer = Trainer(callbacks=[SAMCallback(variant="asam", rho=0.5)])
+
+    Logged each step through Lightning: ``sam/sharpness`` (pass-2 loss minus pass-1 loss) and
+    ``sam/perturbation_norm`` (``||e||``). A ``training_step`` returning None skips SAM for that step.
+    ``on_before_backward`` / ``on_after_backward`` fire in both passes; :func:`lightning_sam.in_second_pass`
+    tells them (and ``training_step``) which one is running.
+    """
+
+    def __init__(
+        self,
+        variant: str = "sam",
+        rho: float | None = None,
+        *,
+        sync_ascent: bool = False,
+        **variant_options: Any,
+    ) -> None:
+        super().__init__()
+        self.variant = variant_class(variant).name
+        make_variant(self.variant, rho=rho, **variant_options)  # validate everything now, not in training
+        self.rho = rho
+        self.variant_options = dict(variant_options)
+        self.sync_ascent = bool(sync_ascent)
+        self.engine: SAMEngine | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._guard: SecondPassGuard | None = None
+        self._window: list[tuple[Any, int]] = []
+        self._loss1: Tensor | None = None
+        self._loss2: Tensor | None = None
+        self._second_pass_planned = True
+        self._in_second_pass = False
+
+    # ------------------------------------------------------------------ identity and state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(variant=self.variant)
+
+    @property
+    def in_second_pass(self) -> bool:
+        """True while this callback re-runs ``training_step`` at the perturbed weights."""
+        return self._in_second_pass
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is not None:
+            return {"engine": self.engine.state_dict()}
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.engine is not None:
+            self.engine.load_state_dict(state_dict["engine"])
+        else:
+            self._pending_state = dict(state_dict)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "SAMCallback needs automatic optimization, but this module sets automatic_optimization = False. "
+                "For manual optimization, mix in lightning_sam.SAMMixin and call self.sam_step(...) in "
+                "training_step instead of using the callback."
+            )
+        check_strategy(trainer)
+        if not self.sync_ascent:
+            check_static_graph(trainer)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(
+                f"SAMCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Put all parameters in "
+                "one optimizer (param groups may carry their own 'rho' or 'sam_exclude=True')."
+            )
+        optimizer = trainer.optimizers[0]
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        groups = []
+        for g, group in enumerate(optimizer.param_groups):
+            entry: dict[str, Any] = {
+                "params": [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group["params"])]
+            }
+            entry.update({k: group[k] for k in ("rho", "sam_exclude") if k in group})
+            groups.append(entry)
+        self.engine = SAMEngine(groups, self.variant, self.rho, **self.variant_options)
+        if self._pending_state:
+            self.engine.load_state_dict(self._pending_state["engine"])
+            self._pending_state = None
+        self._guard = SecondPassGuard(pl_module)
+        self._window = []
+
+    # ------------------------------------------------------------------ pass 1
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._window = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        assert self.engine is not None
+        if not self._window:
+            self._second_pass_planned = self.engine.needs_second_pass()
+            self._loss1 = None
+        self._window.append((batch, batch_idx))
+        # A step with pass 2 ascends with the local gradient; a step without one descends on pass 1's gradient,
+        # which must then be all-reduced.
+        set_gradient_sync(trainer, self.sync_ascent or not self._second_pass_planned)
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        value = loss.detach()
+        if self._in_second_pass:
+            self._loss2 = value if self._loss2 is None else self._loss2 + value
+        else:
+            self._loss1 = value if self._loss1 is None else self._loss1 + value
+
+    # ------------------------------------------------------------------ pass 2
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        window, self._window = self._window, []
+        engine = self.engine
+        assert engine is not None and self._guard is not None
+        if not window or self._loss1 is None:
+            return  # training_step returned None: Lightning ran no backward, no SAM this step
+        if not self._second_pass_planned:
+            engine.plain_step()
+            return
+        scaler = grad_scaler_of(trainer)
+        if scaler is not None and self._pass1_overflowed(scaler, optimizer):
+            engine.plain_step()  # GradScaler skips this step and lowers the scale once
+            return
+        perturbation_norm = engine.ascend()
+        if perturbation_norm is None:
+            return
+        self._loss2 = None
+        try:
+            torch._foreach_zero_(_optimizer_grads(optimizer))
+            self._run_second_pass(trainer, pl_module, optimizer, window)
+            if scaler is not None and not amp.handles_unscaling(optimizer):
+                amp.unscale_second_pass_(scaler, optimizer)
+            engine.descend()
+        finally:
+            engine.restore()
+            self._in_second_pass = False
+            set_gradient_sync(trainer, True)
+        self._log(pl_module, scaler, perturbation_norm)
+
+    def _pass1_overflowed(self, scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
+        """Whether pass 1 had an inf/NaN on any rank (one host sync; GradScaler syncs here anyway)."""
+        if amp.handles_unscaling(optimizer):
+            # Lightning did not unscale (the optimizer will, inside step): check and unscale pass 1 here. The
+            # gradients are discarded after the ascent, and an inf survives unscaling, so scaler.step still skips.
+            found = amp.unscale_(_optimizer_grads(optimizer), scaler)
+        else:
+            registered = amp.registered_found_inf(scaler, optimizer)
+            if registered is None:
+                return False
+            found = registered.clone()
+        if world_size() > 1 and not self.sync_ascent:
+            all_reduce_max_(found)  # all ranks skip pass 2 together, or none does (else pass 2 deadlocks)
+            if not amp.handles_unscaling(optimizer):
+                amp.mark_found_inf(scaler, optimizer, found)
+        return bool(found.item())
+
+    def _run_second_pass(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer, window: list[tuple[Any, int]]
+    ) -> None:
+        """Re-run training_step + backward at w + e on every micro-batch of the window, without side effects."""
+        assert self._guard is not None
+        pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+        accumulate = trainer.accumulate_grad_batches
+        self._in_second_pass = True
+        with self._guard.active():
+            for i, (batch, batch_idx) in enumerate(window):
+                set_gradient_sync(trainer, i == len(window) - 1)
+                args = (batch, batch_idx) if pass_batch_idx else (batch,)
+                loss = loss_from_output(trainer.strategy.training_step(*args))
+                if loss is None:
+                    raise RuntimeError(
+                        "training_step returned None in SAM's second pass although it returned a loss in the first; "
+                        "skip batches deterministically (the same way in both passes)."
+                    )
+                trainer.strategy.backward(loss / accumulate, optimizer)
+
+    def _log(self, pl_module: LightningModule, scaler: torch.amp.GradScaler | None, perturbation_norm: Tensor) -> None:
+        if self._loss1 is None or self._loss2 is None:
+            return
+        sharpness = self._loss2.float() - self._loss1.float()
+        if scaler is not None:  # the losses seen by on_before_backward were scaled
+            sharpness = sharpness * amp.inverse_scale(scaler).to(sharpness.device)
+        pl_module.log("sam/sharpness", sharpness, on_step=True, on_epoch=True)
+        pl_module.log("sam/perturbation_norm", perturbation_norm, on_step=True, on_epoch=True)
+
+    # ------------------------------------------------------------------ safety nets
+    def _restore(self) -> None:
+        if self.engine is not None:
+            self.engine.restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restore()
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.variant_options.items())
+        return f"SAMCallback(variant={self.variant!r}, rho={self.rho!r}, sync_ascent={self.sync_ascent}{options})"

@@ -1,0 +1,53 @@
+"""Gradient clipping on the descent gradient, for SAMMixin (Lightning forbids ``gradient_clip_val`` under
+manual optimization). Matches ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` on the unscaled
+gradients, and works on gradients that are still multiplied by a GradScaler's scale (the bound is scaled
+instead, so no host sync and no extra unscale is needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_sam.tensor_ops import global_norm
+
+CLIP_ALGORITHMS = ("norm", "value")
+
+
+def validate_clipping(value: float | None, algorithm: str) -> None:
+    """Raise for a negative/non-finite clip value or an unknown algorithm."""
+    if algorithm not in CLIP_ALGORITHMS:
+        raise ValueError(f"gradient_clip_algorithm must be one of {CLIP_ALGORITHMS}, got {algorithm!r}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"gradient_clip_val must be a number > 0 or None, got {value!r}")
+
+
+@torch.no_grad()
+def clip_gradients_(
+    grads: Sequence[Tensor], value: float, algorithm: str = "norm", scale: Tensor | None = None
+) -> None:
+    """Clip ``grads`` in place by global norm (``algorithm="norm"``) or element value (``"value"``).
+
+    ``scale``: the loss scale the gradients are still multiplied by (16-mixed before unscaling), or None.
+    Norm clipping multiplies by ``min(1, value / (||g|| + 1e-6))`` as ``clip_grad_norm_`` does.
+    """
+    grads = list(grads)
+    if not grads:
+        return
+    if algorithm == "norm":
+        total = global_norm(grads)
+        limit = torch.as_tensor(float(value), dtype=torch.float32, device=total.device)
+        epsilon = torch.as_tensor(1e-6, dtype=torch.float32, device=total.device)
+        if scale is not None:
+            limit = limit * scale.to(total.device)
+            epsilon = epsilon * scale.to(total.device)
+        coefficient = torch.clamp(limit / (total + epsilon), max=1.0)
+        torch._foreach_mul_(grads, coefficient)
+    else:
+        bound = torch.as_tensor(float(value), dtype=torch.float32, device=grads[0].device)
+        if scale is not None:
+            bound = bound * scale.to(bound.device)
+        torch._foreach_clamp_max_(grads, [bound.to(g.device, g.dtype) for g in grads])
+        torch._foreach_clamp_min_(grads, [(-bound).to(g.device, g.dtype) for g in grads])

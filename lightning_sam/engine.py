@@ -1,0 +1,271 @@
+"""The two-pass SAM step over a list of parameters, usable from a plain PyTorch loop (no Lightning).
+
+One step of every two-pass variant::
+
+    loss(w).backward()            # pass 1 -> g
+    engine.ascend()               # save w, w <- w + e   (e from the variant's rule)
+    optimizer.zero_grad()
+    loss(w).backward()            # pass 2 at w + e -> g_adv
+    engine.descend()              # variant's descent gradient, then w <- saved w (bit-exact copy back)
+    optimizer.step()
+
+or, with a closure that zeroes the gradients, computes the loss, calls backward and returns the loss::
+
+    loss = engine.step(closure)   # pass 1, ascent, pass 2, descent, restore (weights are never left perturbed)
+    optimizer.step()
+
+Mechanics shared by every variant live here: which parameters take part (those with a gradient), the saved
+copy (one persistent buffer per device and dtype, allocated once), the in-place perturbation with foreach
+ops, and the restore. The variant (``lightning_sam.variants``) only supplies the direction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+from lightning_sam.tensor_ops import EPS, global_norm
+from lightning_sam.variants import StepTensors, Variant, make_variant
+
+ParamsLike = Iterable[Parameter] | Iterable[tuple[str, Parameter]] | Iterable[dict[str, Any]]
+
+
+def _named_entries(params: ParamsLike) -> list[tuple[str, Parameter, dict[str, Any]]]:
+    """Normalize ``params`` to ``(name, parameter, group options)`` triples.
+
+    Accepts parameters, ``(name, parameter)`` pairs, or param-group dicts (``{"params": [...], "rho": ...,
+    "sam_exclude": ...}``, the parameters in a group given either way).
+    """
+    entries: list[tuple[str, Parameter, dict[str, Any]]] = []
+
+    def add(item: Any, options: dict[str, Any]) -> None:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, param = item
+        elif isinstance(item, Tensor):
+            name, param = f"param{len(entries)}", item
+        else:
+            raise TypeError(
+                "SAMEngine params must be tensors, (name, tensor) pairs or param-group dicts, "
+                f"got {type(item).__name__}"
+            )
+        if not isinstance(param, Tensor):
+            raise TypeError(f"SAMEngine: {name!r} is a {type(param).__name__}, not a tensor")
+        entries.append((name, param, options))
+
+    for item in params:
+        if isinstance(item, dict):
+            options = {k: v for k, v in item.items() if k != "params"}
+            group = item["params"]
+            for sub in [group] if isinstance(group, Tensor) else group:
+                add(sub, options)
+        else:
+            add(item, {})
+    seen: set[int] = set()
+    for name, param, _ in entries:
+        if id(param) in seen:
+            raise ValueError(f"SAMEngine: parameter {name!r} is given twice")
+        seen.add(id(param))
+    return entries
+
+
+class SAMEngine:
+    """The plain-PyTorch core of lightning_sam: ascend, descend, restore exactly.
+
+    Args:
+        params: the trained parameters: an iterable of parameters, of ``(name, parameter)`` pairs (names key the
+            variant's checkpointed state; give them for exact resume) or of param-group dicts. A group may carry
+            ``rho`` (its own radius; the gradient norm stays global) and ``sam_exclude=True`` (never perturbed, not
+            in the norm).
+        variant: a name from :func:`lightning_sam.available_variants`.
+        rho: the neighbourhood radius; ``None`` takes the variant's default.
+        **variant_options: the variant's options, named as in ALGORITHMS.md (ASAM: ``eta``).
+
+    Only parameters whose ``.grad`` is set (and that require grad) take part in a step: the others are neither
+    perturbed nor counted in any norm. The weights are saved before the ascent into a buffer allocated once and
+    copied back bit-exactly (never ``w - e``).
+    """
+
+    def __init__(self, params: ParamsLike, variant: str = "sam", rho: float | None = None, **variant_options: Any):
+        self.variant: Variant = make_variant(variant, rho=rho, **variant_options)
+        entries = [e for e in _named_entries(params) if not e[2].get("sam_exclude", False)]
+        if not entries:
+            raise ValueError("SAMEngine got no parameters to perturb (all excluded or none given)")
+        self.names: list[str] = [name for name, _, _ in entries]
+        self.params: list[Tensor] = [param for _, param, _ in entries]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("SAMEngine: parameter names must be unique")
+        self._rhos: list[float] = []
+        for name, _, options in entries:
+            rho_i = options.get("rho", self.variant.rho)
+            if isinstance(rho_i, bool) or not isinstance(rho_i, (int, float)) or not math.isfinite(rho_i) or rho_i <= 0:
+                raise ValueError(f"SAMEngine: param group rho must be a finite number > 0, got {rho_i!r} for {name!r}")
+            self._rhos.append(float(rho_i))
+        self._saved_views: list[Tensor] | None = None
+        self._cache_key: tuple[int, ...] | None = None
+        self._active: StepTensors | None = None
+        self._rho_groups: list[tuple[float, list[int]]] = []
+        self._perturbed = False
+        self.step_count = 0
+        self.last_perturbation_norm: Tensor | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def rho(self) -> float:
+        """The default radius (a param group may override it)."""
+        return self.variant.rho
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between :meth:`ascend` and :meth:`descend` / :meth:`restore`."""
+        return self._perturbed
+
+    def needs_second_pass(self) -> bool:
+        """Whether the coming step runs the ascent and pass 2 (else: a plain step, call :meth:`plain_step`)."""
+        return self.variant.needs_second_pass(self.step_count)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def ascend(self, grad_scale: Tensor | None = None) -> Tensor | None:
+        """Perturb the weights in place: save ``w`` (first ascent of the step), then ``w <- w + e``.
+
+        ``e = rho * u / (n + eps)`` where the variant turns the current gradients into ``u`` and ``n``. The
+        gradients are overwritten with ``e`` (zero them before pass 2). ``grad_scale``, if given, multiplies the
+        gradients first (e.g. ``1 / loss_scale`` for gradients that are still scaled).
+
+        Returns ``||e||`` as a 0-dim fp32 tensor, or ``None`` when no parameter has a gradient (nothing done).
+        """
+        active = self._collect(self._perturbed)
+        if active is None:
+            return None
+        if grad_scale is not None:
+            torch._foreach_mul_(active.grads, grad_scale)
+        if not self._perturbed:
+            torch._foreach_copy_(active.saved, active.params)
+            self._active = active
+        denominator = self.variant.direction_(active) + EPS
+        if len(self._rho_groups) == 1:
+            torch._foreach_mul_(active.grads, self._rho_groups[0][0] / denominator)
+        else:
+            for rho, positions in self._rho_groups:
+                torch._foreach_mul_([active.grads[i] for i in positions], rho / denominator)
+        perturbation_norm = global_norm(active.grads)
+        torch._foreach_add_(active.params, active.grads)
+        self._perturbed = True
+        self.last_perturbation_norm = perturbation_norm
+        return perturbation_norm
+
+    @torch.no_grad()
+    def descend(self) -> None:
+        """After pass 2: let the variant set the descent gradient, then restore the saved weights exactly."""
+        try:
+            if self._perturbed and self._active is not None:
+                active = self._active
+                grads = [p.grad for p in active.params]
+                present = [i for i, g in enumerate(grads) if g is not None]
+                if present:
+                    self.variant.descent_(
+                        StepTensors(
+                            names=[active.names[i] for i in present],
+                            params=[active.params[i] for i in present],
+                            grads=[grads[i] for i in present],  # type: ignore[misc]
+                            saved=[active.saved[i] for i in present],
+                        )
+                    )
+        finally:
+            self.restore()
+        self.step_count += 1
+
+    def plain_step(self) -> None:
+        """Count a step that ran without the ascent and pass 2 (the optimizer descends on ``g``)."""
+        if self._perturbed:
+            raise RuntimeError("plain_step() called while the weights are perturbed: call descend() or restore()")
+        self.step_count += 1
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved weights back (bit-exact). Idempotent: a no-op when nothing is perturbed."""
+        if self._perturbed and self._active is not None:
+            torch._foreach_copy_(self._active.params, self._active.saved)
+        self._perturbed = False
+        self._active = None
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Run one whole SAM step of the variant except ``optimizer.step()``, which the caller runs after.
+
+        ``closure`` must zero the gradients, compute the loss, call ``backward`` and return the loss. It is
+        called once for pass 1 and once at ``w + e``; on return the weights are ``w`` again (also after an
+        exception) and the gradients are the variant's descent gradient. Returns the pass-1 loss.
+        """
+        loss = closure()
+        if not self.needs_second_pass():
+            self.plain_step()
+            return loss
+        try:
+            self.ascend()
+            closure()
+            self.descend()
+        finally:
+            self.restore()
+        return loss
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The variant's state (keyed by parameter name) and the step counter."""
+        return {"variant": self.variant.name, "step": self.step_count, "variant_state": self.variant.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the variant name must match."""
+        if state.get("variant") != self.variant.name:
+            raise ValueError(
+                f"This state was saved by variant {state.get('variant')!r}, not {self.variant.name!r}: "
+                "resume with the same variant."
+            )
+        self.step_count = int(state["step"])
+        self.variant.load_state_dict(state.get("variant_state", {}))
+
+    # ------------------------------------------------------------------ internals
+    def _collect(self, perturbed: bool) -> StepTensors | None:
+        """The parameters taking part in this step (with a gradient), their grads and saved views."""
+        if perturbed and self._active is not None:
+            # later ascent of a multi-step variant: same parameters, fresh gradients
+            active = self._active
+            return StepTensors(active.names, active.params, [p.grad for p in active.params], active.saved)
+        key = tuple(i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad)
+        if not key:
+            return None
+        if self._saved_views is None:
+            self._saved_views = self._allocate_saved()
+        if key != self._cache_key:
+            self._cache_key = key
+            self._key_names = [self.names[i] for i in key]
+            self._key_params = [self.params[i] for i in key]
+            self._key_saved = [self._saved_views[i] for i in key]
+            groups: dict[float, list[int]] = {}
+            for position, i in enumerate(key):
+                groups.setdefault(self._rhos[i], []).append(position)
+            self._rho_groups = list(groups.items())
+        grads = [p.grad for p in self._key_params]
+        return StepTensors(self._key_names, self._key_params, grads, self._key_saved)  # type: ignore[arg-type]
+
+    def _allocate_saved(self) -> list[Tensor]:
+        """One flat buffer per (device, dtype), allocated once; a view of it per parameter."""
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        for p in self.params:
+            key = (p.device, p.dtype)
+            sizes[key] = sizes.get(key, 0) + p.numel()
+        buffers = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
+        offsets = dict.fromkeys(sizes, 0)
+        views = []
+        for p in self.params:
+            key = (p.device, p.dtype)
+            views.append(buffers[key][offsets[key] : offsets[key] + p.numel()].view_as(p))
+            offsets[key] += p.numel()
+        return views
+
+    def __repr__(self) -> str:
+        return f"SAMEngine({self.variant!r}, {len(self.params)} parameters, step={self.step_count})"

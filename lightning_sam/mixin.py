@@ -1,0 +1,155 @@
+"""SAMMixin: the whole SAM step in one call for LightningModules that use manual optimization.
+
+Usage::
+
+    class Net(SAMMixin, LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.configure_sam("asam", rho=0.5, gradient_clip_val=1.0)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.sam_step(lambda: self.compute_loss(batch))   # pass 1, ascent, pass 2, restore,
+            self.log("train_loss", loss)                              # clip, optimizer.step(), zero_grad()
+            return loss
+
+``sam_step(loss_fn)`` calls ``loss_fn()`` twice (pass 1 at ``w``, pass 2 at ``w + e``) and backpropagates with
+``self.manual_backward`` so Lightning's precision (autocast, GradScaler) and strategy (DDP) still apply. Pass 2
+runs without visible side effects (logs, torchmetrics, BatchNorm statistics), like the callback's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sam import amp
+from lightning_sam.callback import _optimizer_grads, grad_scaler_of
+from lightning_sam.clipping import clip_gradients_, validate_clipping
+from lightning_sam.distributed import all_reduce_max_, set_gradient_sync, world_size
+from lightning_sam.engine import SAMEngine
+from lightning_sam.side_effects import SecondPassGuard
+from lightning_sam.variants import make_variant, variant_class
+
+
+class SAMMixin:
+    """Mix into a ``LightningModule`` with ``automatic_optimization = False``; see :meth:`sam_step`."""
+
+    _sam_config: dict[str, Any]
+    _sam_engine: SAMEngine | None = None
+    _sam_guard: SecondPassGuard | None = None
+
+    def configure_sam(
+        self,
+        variant: str = "sam",
+        rho: float | None = None,
+        *,
+        sync_ascent: bool = False,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        **variant_options: Any,
+    ) -> None:
+        """Choose the variant (validated now) and the descent-gradient clipping. Call it in ``__init__``.
+
+        ``sync_ascent`` as in :class:`lightning_sam.SAMCallback`; ``gradient_clip_val`` /
+        ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``) clip the unscaled descent gradient.
+        """
+        name = variant_class(variant).name
+        make_variant(name, rho=rho, **variant_options)
+        validate_clipping(gradient_clip_val, gradient_clip_algorithm)
+        self._sam_config = {
+            "variant": name,
+            "rho": rho,
+            "options": dict(variant_options),
+            "sync_ascent": bool(sync_ascent),
+            "clip_val": gradient_clip_val,
+            "clip_algorithm": gradient_clip_algorithm,
+        }
+        self._sam_engine = None
+
+    @property
+    def sam_engine(self) -> SAMEngine | None:
+        """The engine behind :meth:`sam_step` (built on the first call)."""
+        return self._sam_engine
+
+    def _sam_setup(self, optimizer: Any) -> SAMEngine:
+        if getattr(self, "automatic_optimization", True):
+            raise RuntimeError(
+                "sam_step needs manual optimization: set self.automatic_optimization = False in __init__ "
+                "(or use lightning_sam.SAMCallback with automatic optimization)."
+            )
+        if not hasattr(self, "_sam_config"):
+            self.configure_sam()
+        config = self._sam_config
+        raw = getattr(optimizer, "optimizer", optimizer)
+        names = {id(p): n for n, p in self.named_parameters()}  # type: ignore[attr-defined]
+        groups = []
+        for g, group in enumerate(raw.param_groups):
+            entry: dict[str, Any] = {
+                "params": [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group["params"])]
+            }
+            entry.update({k: group[k] for k in ("rho", "sam_exclude") if k in group})
+            groups.append(entry)
+        self._sam_engine = SAMEngine(groups, config["variant"], config["rho"], **config["options"])
+        self._sam_guard = SecondPassGuard(self)  # type: ignore[arg-type]
+        return self._sam_engine
+
+    def sam_step(self, loss_fn: Callable[[], Tensor], optimizer: Any | None = None) -> Tensor:
+        """One whole SAM step: pass 1, ascent, pass 2, restore, clipping, ``optimizer.step()``, ``zero_grad()``.
+
+        Args:
+            loss_fn: computes the module's loss on the current batch (forward only; called twice).
+            optimizer: defaults to ``self.optimizers()`` (there must be one then).
+
+        Returns:
+            The pass-1 loss, detached.
+        """
+        if optimizer is None:
+            optimizer = self.optimizers()  # type: ignore[attr-defined]
+            if isinstance(optimizer, list):
+                raise RuntimeError("sam_step: the module has several optimizers; pass optimizer=... explicitly")
+        engine = self._sam_engine or self._sam_setup(optimizer)
+        config = self._sam_config
+        trainer = self.trainer  # type: ignore[attr-defined]
+        raw = getattr(optimizer, "optimizer", optimizer)
+        scaler = grad_scaler_of(trainer)
+        second = engine.needs_second_pass()
+
+        set_gradient_sync(trainer, config["sync_ascent"] or not second)
+        loss1 = loss_fn()
+        self.manual_backward(loss1)  # type: ignore[attr-defined]
+        set_gradient_sync(trainer, True)
+        run_second = second
+        if scaler is not None and second:
+            found = amp.unscale_(_optimizer_grads(raw), scaler)  # pass-1 grads: discarded after the ascent
+            if world_size() > 1 and not config["sync_ascent"]:
+                all_reduce_max_(found)
+            if found.item():  # one host sync, only under GradScaler (it syncs here anyway)
+                run_second = False
+        if run_second:
+            perturbation_norm = engine.ascend()
+            try:
+                torch._foreach_zero_(_optimizer_grads(raw))
+                assert self._sam_guard is not None
+                with self._sam_guard.active():
+                    loss2 = loss_fn()
+                    self.manual_backward(loss2)  # type: ignore[attr-defined]
+                engine.descend()
+            finally:
+                engine.restore()
+            if perturbation_norm is not None:
+                sharpness = loss2.detach().float() - loss1.detach().float()
+                self.log("sam/sharpness", sharpness, on_step=True, on_epoch=True)  # type: ignore[attr-defined]
+                self.log("sam/perturbation_norm", perturbation_norm, on_step=True, on_epoch=True)  # type: ignore[attr-defined]
+        else:
+            engine.plain_step()
+        if config["clip_val"] is not None:
+            # under GradScaler the descent gradient is still scaled here (Lightning unscales inside step)
+            scale = scaler._scale if scaler is not None else None
+            clip_gradients_(_optimizer_grads(raw), config["clip_val"], config["clip_algorithm"], scale=scale)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss1.detach()

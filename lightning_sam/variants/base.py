@@ -1,0 +1,85 @@
+"""The contract every variant implements (pure PyTorch, no Lightning).
+
+A variant is a small rule. The engine (``lightning_sam.engine.SAMEngine``) owns the mechanics (which
+parameters take part, the saved copy, the in-place perturbation, the exact restore) and asks the variant
+only for the parts that differ between methods:
+
+* :meth:`Variant.direction_` turns the pass-1 gradients (in place) into the *unnormalized* ascent
+  direction ``u`` and returns the denominator ``n``; the engine then perturbs ``w <- w + rho * u / (n + eps)``.
+* :meth:`Variant.descent_` may replace the descent gradient before the restore (identity by default).
+* :meth:`Variant.needs_second_pass` lets a variant skip pass 2 on a step (a plain optimizer step on ``g``).
+* :meth:`Variant.state_dict` / :meth:`Variant.load_state_dict` carry per-variant state keyed by parameter
+  name, so a fresh process resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+
+@dataclass
+class StepTensors:
+    """The tensors of one step, restricted to the parameters that take part (those with a gradient).
+
+    ``names[i]``, ``params[i]``, ``grads[i]`` and ``saved[i]`` describe the same parameter. ``saved`` holds
+    the weights as they were before the first ascent of the step (what the engine copies back).
+    """
+
+    names: list[str]
+    params: list[Tensor]
+    grads: list[Tensor]
+    saved: list[Tensor]
+
+
+class Variant(ABC):
+    """Base class of a SAM variant. Subclasses set ``name`` and ``default_rho`` and implement ``direction_``."""
+
+    name: ClassVar[str] = ""
+    default_rho: ClassVar[float] = 0.05
+
+    def __init__(self, rho: float | None = None) -> None:
+        rho = self.default_rho if rho is None else rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+            raise ValueError(
+                f"{self.name}: rho must be a finite number > 0, got {rho!r}; "
+                f"pass rho=None for the default ({self.default_rho})."
+            )
+        self.rho = float(rho)
+
+    # ----------------------------------------------------------------- the rule
+    @abstractmethod
+    def direction_(self, step: StepTensors) -> Tensor:
+        """Overwrite ``step.grads`` with the unnormalized ascent direction ``u``; return ``n`` (fp32, 0-dim).
+
+        The engine then sets ``e = rho * u / (n + eps)``. ``step.params`` hold ``w`` on entry and must hold
+        ``w`` again on return (they may be used as scratch space and copied back from ``step.saved``).
+        """
+
+    def descent_(self, step: StepTensors) -> None:
+        """Optionally replace the descent gradient ``step.grads`` (pass-2 gradients) in place. Identity here."""
+        return None
+
+    def needs_second_pass(self, step_index: int) -> bool:
+        """Whether optimizer step ``step_index`` (0-based) runs the ascent and pass 2. Always, by default."""
+        return True
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Per-variant state keyed by parameter name (empty for stateless rules)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{self.name} has no state, got keys {sorted(state)}")
+
+    def extra_repr(self) -> str:
+        return f"rho={self.rho}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
