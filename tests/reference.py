@@ -57,11 +57,14 @@ def reference_sam_step(
     with torch.no_grad():
         for p, e in zip(params, perturbation):
             p.add_(e)
+    buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics as pass 1 left them
     optimizer.zero_grad()
     loss2 = loss_of(model)
     loss2.backward()
     with torch.no_grad():
         for p, original in zip(params, originals):
             p.copy_(original)
+        for b, original in zip(model.buffers(), buffers):
+            b.copy_(original)
     optimizer.step()
     return loss1.detach(), loss2.detach()

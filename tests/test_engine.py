@@ -1,0 +1,185 @@
+"""SAMEngine in a plain PyTorch loop against the reference, and its mechanics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import cross_entropy_of, fixed_loader, make_mlp, make_optimizer
+from reference import reference_sam_step
+
+from lightning_sam import SAMEngine
+
+
+def run_engine(net, batches, variant, rho, optimizer_name, use_closure=False, **options):
+    optimizer = make_optimizer(optimizer_name, net.parameters())
+    engine = SAMEngine(net.named_parameters(), variant, rho, **options)
+    for batch in batches:
+        loss_of = cross_entropy_of(batch)
+        if use_closure:
+
+            def closure():
+                optimizer.zero_grad()
+                loss = loss_of(net)
+                loss.backward()
+                return loss
+
+            engine.step(closure)
+        else:
+            optimizer.zero_grad()
+            loss_of(net).backward()
+            engine.ascend()
+            optimizer.zero_grad()
+            loss_of(net).backward()
+            engine.descend()
+        optimizer.step()
+    return engine
+
+
+@pytest.mark.parametrize("variant, rho, options", [("sam", 0.05, {}), ("asam", 0.5, {}), ("asam", 0.3, {"eta": 0.1})])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("use_closure", [False, True])
+def test_engine_matches_reference(variant, rho, options, optimizer_name, use_closure):
+    batches = list(fixed_loader(n=96, batch_size=16))
+    net = make_mlp(batchnorm=False)
+    reference = copy.deepcopy(net)
+    plain = copy.deepcopy(net)
+    engine = run_engine(net, batches, variant, rho, optimizer_name, use_closure, **options)
+    ref_opt = make_optimizer(optimizer_name, reference.parameters())
+    plain_opt = make_optimizer(optimizer_name, plain.parameters())
+    for batch in batches:
+        reference_sam_step(reference, cross_entropy_of(batch), ref_opt, variant, rho, **options)
+        plain_opt.zero_grad()
+        cross_entropy_of(batch)(plain).backward()
+        plain_opt.step()
+    assert engine.step_count == len(batches)
+    for p, q, r in zip(net.parameters(), reference.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    # the comparison can fail: SAM moved the weights away from plain training
+    assert max((p - r).abs().max().item() for p, r in zip(net.parameters(), plain.parameters())) > 1e-4
+
+
+def test_restore_is_bit_exact_and_buffer_is_allocated_once():
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    engine = SAMEngine(net.parameters())
+    before = [p.detach().clone() for p in net.parameters()]
+    pointers = None
+    for _ in range(3):
+        net.zero_grad()
+        cross_entropy_of(batch)(net).backward()
+        norm = engine.ascend()
+        assert engine.is_perturbed
+        torch.testing.assert_close(norm, torch.tensor(0.05), atol=1e-6, rtol=0)
+        assert any(not torch.equal(p, b) for p, b in zip(net.parameters(), before))
+        net.zero_grad()
+        cross_entropy_of(batch)(net).backward()
+        engine.descend()
+        assert not engine.is_perturbed
+        assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+        current = [v.data_ptr() for v in engine._saved_views]
+        assert pointers is None or current == pointers
+        pointers = current
+
+
+def test_parameters_without_grad_are_not_perturbed_nor_counted():
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    first = net[0]
+    first.weight.requires_grad_(False)
+    first.bias.requires_grad_(False)
+    engine = SAMEngine(net.named_parameters())
+    cross_entropy_of(batch)(net).backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    frozen_before = first.weight.detach().clone()
+    others_before = [p.detach().clone() for p in net.parameters() if p.requires_grad]
+    engine.ascend()
+    assert torch.equal(first.weight, frozen_before)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    for p, before, g in zip([p for p in net.parameters() if p.requires_grad], others_before, grads):
+        torch.testing.assert_close(p - before, 0.05 * g / norm, atol=1e-7, rtol=0)
+    engine.restore()
+
+
+def test_exception_in_second_pass_leaves_original_weights():
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    engine = SAMEngine(net.parameters())
+    before = [p.detach().clone() for p in net.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in pass 2")
+        net.zero_grad()
+        loss = cross_entropy_of(batch)(net)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.step(closure)
+    assert not engine.is_perturbed
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_param_groups_rho_and_exclude():
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    first, last = net[0], net[2]
+    groups = [
+        {"params": [("w0", first.weight)], "rho": 0.2},
+        {"params": [("b0", first.bias)], "sam_exclude": True},
+        {"params": [("w2", last.weight), ("b2", last.bias)]},
+    ]
+    engine = SAMEngine(groups, "sam", rho=0.05)
+    assert engine.names == ["w0", "w2", "b2"]
+    cross_entropy_of(batch)(net).backward()
+    grads = {n: p.grad.clone() for n, p in zip(["w0", "b0", "w2", "b2"], [first.weight, first.bias, last.weight, last.bias])}
+    before = {n: p.detach().clone() for n, p in zip(["w0", "b0", "w2", "b2"], [first.weight, first.bias, last.weight, last.bias])}
+    engine.ascend()
+    norm = torch.sqrt(sum((grads[n] ** 2).sum() for n in ("w0", "w2", "b2")))  # the excluded group is not counted
+    torch.testing.assert_close(first.weight - before["w0"], 0.2 * grads["w0"] / norm, atol=1e-7, rtol=0)
+    torch.testing.assert_close(last.weight - before["w2"], 0.05 * grads["w2"] / norm, atol=1e-7, rtol=0)
+    assert torch.equal(first.bias, before["b0"])
+    engine.restore()
+
+
+def test_state_dict_round_trip_and_variant_mismatch():
+    net = make_mlp()
+    engine = SAMEngine(net.named_parameters(), "asam")
+    engine.step_count = 7
+    fresh = SAMEngine(net.named_parameters(), "asam")
+    fresh.load_state_dict(engine.state_dict())
+    assert fresh.step_count == 7
+    with pytest.raises(ValueError, match="same variant"):
+        SAMEngine(net.named_parameters(), "sam").load_state_dict(engine.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"variant": "nope"}, ValueError, "Available variants: asam, sam"),
+        ({"rho": 0.0}, ValueError, "rho must be a finite number > 0"),
+        ({"rho": -1.0}, ValueError, "rho must be a finite number > 0"),
+        ({"rho": float("nan")}, ValueError, "rho must be a finite number > 0"),
+        ({"rho": float("inf")}, ValueError, "rho must be a finite number > 0"),
+        ({"variant": "sam", "eta": 0.1}, TypeError, "unknown option"),
+        ({"variant": "asam", "eta": -0.1}, ValueError, "eta must be"),
+        ({"variant": "asam", "bogus": 1}, TypeError, r"Its options \(defaults\): eta=0.01"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SAMEngine(make_mlp().parameters(), **kwargs)
+
+
+def test_no_parameters_and_duplicates():
+    with pytest.raises(ValueError, match="no parameters"):
+        SAMEngine([])
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="twice"):
+        SAMEngine([p, p])
+    with pytest.raises(TypeError, match="tensors"):
+        SAMEngine([3.0])
