@@ -71,22 +71,18 @@ def unscale_second_pass_(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> 
     automatic-optimization hook with an optimizer that does not unscale inside ``step``.
     """
     inv = inverse_scale(scaler)
-    found = torch.zeros(1, dtype=torch.float32, device=inv.device)
+    found = torch.full((), 0.0, dtype=torch.float32, device=inv.device)  # GradScaler's own convention
     per_device = scaler._unscale_grads_(optimizer, inv, found, False)
-    state = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-    for device, flag in per_device.items():
-        if device in state:
-            torch.maximum(state[device], flag, out=state[device])
-        else:
-            state[device] = flag
+    for flag in per_device.values():
+        mark_found_inf(scaler, optimizer, flag)
 
 
 def mark_found_inf(scaler: torch.amp.GradScaler, optimizer: Optimizer, flag: Tensor) -> None:
-    """OR ``flag`` (0-dim, 1.0 = non-finite) into the scaler's found-inf for ``optimizer``."""
+    """OR ``flag`` (1.0 = non-finite) into the scaler's found-inf for ``optimizer`` on ``flag``'s device."""
     state = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
     device = flag.device
-    value = flag.reshape(1).to(torch.float32)
     if device in state:
-        torch.maximum(state[device], value, out=state[device])
+        current = state[device]
+        current.copy_(torch.maximum(current, flag.reshape(current.shape).to(current.dtype)))
     else:
-        state[device] = value.clone()
+        state[device] = flag.reshape(()).to(torch.float32).clone()

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from conftest import Classifier, cross_entropy_of, fixed_loader, make_mlp, make_optimizer, quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from reference import reference_sam_step
 
 from lightning_sam import SAMCallback, in_second_pass
@@ -139,7 +139,7 @@ def test_exception_in_second_pass_restores_weights_and_checkpoint_is_clean(tmp_p
     saved = list(tmp_path.glob("*.ckpt"))
     assert saved, "save_on_exception wrote no checkpoint"
     state = torch.load(saved[0], weights_only=False)["state_dict"]
-    for (name, q) in expected.named_parameters():
+    for name, q in expected.named_parameters():
         torch.testing.assert_close(state[f"net.{name}"], q, atol=1e-6, rtol=0)
 
 
