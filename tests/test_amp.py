@@ -119,7 +119,6 @@ def test_callback_fp16_matches_plain_gradscaler_loop(poison):
 def test_skipped_step_leaves_weights_and_optimizer_state_untouched():
     net = make_mlp()
     loader = fixed_loader(n=48, batch_size=16)
-    batches = list(loader)
     states = []
 
     class Snapshot(SAMCallback.__mro__[1]):
