@@ -51,6 +51,17 @@ def grad_scaler_of(trainer: Trainer) -> torch.amp.GradScaler | None:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
+def log_metrics(pl_module: LightningModule, values: dict[str, Tensor]) -> None:
+    """Log tensors through Lightning without a host sync: per step, plus epoch means on a single process.
+
+    Under DDP the values are rank-local and logged per step only (an epoch mean would need ``sync_dist``,
+    i.e. a reduction; rank 0's values are what loggers record).
+    """
+    on_epoch = world_size() == 1
+    for name, value in values.items():
+        pl_module.log(name, value, on_step=True, on_epoch=on_epoch)
+
+
 def _optimizer_grads(optimizer: Optimizer) -> list[Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
@@ -249,8 +260,7 @@ class SAMCallback(Callback):
         sharpness = self._loss2.float() - self._loss1.float()
         if scaler is not None:  # the losses seen by on_before_backward were scaled
             sharpness = sharpness * amp.inverse_scale(scaler).to(sharpness.device)
-        pl_module.log("sam/sharpness", sharpness, on_step=True, on_epoch=True)
-        pl_module.log("sam/perturbation_norm", perturbation_norm, on_step=True, on_epoch=True)
+        log_metrics(pl_module, {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm})
 
     # ------------------------------------------------------------------ safety nets
     def _restore(self) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_sam import amp
-from lightning_sam.callback import _optimizer_grads, grad_scaler_of
+from lightning_sam.callback import _optimizer_grads, grad_scaler_of, log_metrics
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.distributed import all_reduce_max_, set_gradient_sync, world_size
 from lightning_sam.engine import SAMEngine
@@ -142,8 +142,8 @@ class SAMMixin:
                 engine.restore()
             if perturbation_norm is not None:
                 sharpness = loss2.detach().float() - loss1.detach().float()
-                self.log("sam/sharpness", sharpness, on_step=True, on_epoch=True)  # type: ignore[attr-defined]
-                self.log("sam/perturbation_norm", perturbation_norm, on_step=True, on_epoch=True)  # type: ignore[attr-defined]
+                metrics = {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm}
+                log_metrics(self, metrics)  # type: ignore[arg-type]
         else:
             engine.plain_step()
         if config["clip_val"] is not None:

@@ -1,0 +1,101 @@
+"""Run by tests/test_ddp.py as ``python tests/ddp_script.py MODE OUT_DIR``: 2-process DDP (gloo, CPU).
+
+Each rank writes ``OUT_DIR/MODE_rank{r}.pt`` with its final weights, the number of gradient all-reduces its
+counting comm hook saw, and the GradScaler scale history where one is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from conftest import Classifier, fixed_loader, make_mlp, quiet_trainer
+from lightning.pytorch import Callback
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
+from torch.nn import functional as F
+
+from lightning_sam import SAMCallback, in_second_pass
+
+N_SAMPLES, BATCH_SIZE = 160, 16  # 80 samples per rank: 5 steps
+
+
+class CountingState:
+    def __init__(self) -> None:
+        self.count = 0
+        self.process_group = None
+
+
+def counting_allreduce(state: CountingState, bucket):
+    state.count += 1
+    return default_hooks.allreduce_hook(state.process_group, bucket)
+
+
+class RegisterCountingHook(Callback):
+    """Lightning registers comm hooks on CUDA only; register the counting hook on the CPU DDP model here."""
+
+    def __init__(self, state: CountingState) -> None:
+        self.state = state
+
+    def on_fit_start(self, trainer, pl_module):
+        trainer.strategy.model.register_comm_hook(self.state, counting_allreduce)
+
+
+class PoisonRankZero(Classifier):
+    """Makes pass 1 of step 2 non-finite on rank 0 only (the DDP + GradScaler deadlock case)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if batch_idx == 2 and self.global_rank == 0 and not in_second_pass():
+            loss = loss * float("inf")
+        return loss
+
+
+class ScaleRecorder(Callback):
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+def main(mode: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    state = CountingState()
+    strategy = DDPStrategy(timeout=timedelta(seconds=60), find_unused_parameters=mode.endswith("unused"))
+    callbacks: list[Callback] = [RegisterCountingHook(state)]
+    plugins = []
+    module_cls = Classifier
+    if mode.startswith(("local", "fp16")):
+        callbacks.append(SAMCallback("sam"))
+    elif mode == "sync":
+        callbacks.append(SAMCallback("sam", sync_ascent=True))
+    recorder = ScaleRecorder()
+    if mode.startswith("fp16"):
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
+        callbacks.append(recorder)
+        module_cls = PoisonRankZero
+    module = module_cls(make_mlp())
+    trainer = quiet_trainer(
+        max_epochs=1, devices=2, strategy=strategy, callbacks=callbacks, plugins=plugins, use_distributed_sampler=True
+    )
+    trainer.fit(module, fixed_loader(n=N_SAMPLES, batch_size=BATCH_SIZE))
+    result = {
+        "weights": {k: v.detach().clone() for k, v in module.net.state_dict().items()},
+        "allreduce_count": state.count,
+        "global_step": trainer.global_step,
+        "scales": recorder.scales,
+    }
+    torch.save(result, os.path.join(out_dir, f"{mode}_rank{trainer.global_rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
