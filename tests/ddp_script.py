@@ -66,10 +66,30 @@ class ScaleRecorder(Callback):
         self.scales.append(trainer.precision_plugin.scaler.get_scale())
 
 
+class SaveResult(Callback):
+    """Each rank writes its result at the end of training (also inside ddp_spawn's worker processes)."""
+
+    def __init__(self, out_dir: str, mode: str, state: CountingState, recorder: ScaleRecorder) -> None:
+        self.out_dir, self.mode, self.state, self.recorder = out_dir, mode, state, recorder
+
+    def on_train_end(self, trainer, pl_module):
+        result = {
+            "weights": {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()},
+            "allreduce_count": self.state.count,
+            "global_step": trainer.global_step,
+            "scales": self.recorder.scales,
+        }
+        torch.save(result, os.path.join(self.out_dir, f"{self.mode}_rank{trainer.global_rank}.pt"))
+
+
 def main(mode: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     state = CountingState()
-    strategy = DDPStrategy(timeout=timedelta(seconds=60), find_unused_parameters=mode.endswith("unused"))
+    strategy = DDPStrategy(
+        timeout=timedelta(seconds=60),
+        find_unused_parameters=mode.endswith("unused"),
+        start_method="spawn" if mode.endswith("spawn") else "popen",
+    )
     callbacks: list[Callback] = [RegisterCountingHook(state)]
     plugins = []
     module_cls = Classifier
@@ -83,18 +103,12 @@ def main(mode: str, out_dir: str) -> None:
         plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
         callbacks.append(recorder)
         module_cls = PoisonRankZero
+    callbacks.append(SaveResult(out_dir, mode, state, recorder))
     module = module_cls(make_mlp())
     trainer = quiet_trainer(
         max_epochs=1, devices=2, strategy=strategy, callbacks=callbacks, plugins=plugins, use_distributed_sampler=True
     )
     trainer.fit(module, fixed_loader(n=N_SAMPLES, batch_size=BATCH_SIZE))
-    result = {
-        "weights": {k: v.detach().clone() for k, v in module.net.state_dict().items()},
-        "allreduce_count": state.count,
-        "global_step": trainer.global_step,
-        "scales": recorder.scales,
-    }
-    torch.save(result, os.path.join(out_dir, f"{mode}_rank{trainer.global_rank}.pt"))
 
 
 if __name__ == "__main__":

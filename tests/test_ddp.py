@@ -113,6 +113,14 @@ def test_local_ascent_ranks_identical_one_allreduce_per_step(tmp_path):
     assert_matches(results[0]["weights"], reference_local_ascent())
 
 
+@pytest.mark.parametrize("mode", ["local_unused", "local_spawn"])
+def test_find_unused_parameters_and_ddp_spawn_match_local_ascent(tmp_path, mode):
+    results = run_ddp(mode, tmp_path)
+    assert_ranks_identical(results)
+    assert [r["allreduce_count"] for r in results] == [5, 5]
+    assert_matches(results[0]["weights"], reference_local_ascent())
+
+
 def test_sync_ascent_equals_full_batch_sam(tmp_path):
     results = run_ddp("sync", tmp_path)
     assert_ranks_identical(results)
