@@ -21,7 +21,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import functional as F
 
-from lightning_sam import SAMCallback, in_second_pass
+from lightning_sam import SAMCallback, SAMMixin, in_second_pass
 
 N_SAMPLES, BATCH_SIZE = 160, 16  # 80 samples per rank: 5 steps
 
@@ -56,6 +56,17 @@ class PoisonRankZero(Classifier):
         if batch_idx == 2 and self.global_rank == 0 and not in_second_pass():
             loss = loss * float("inf")
         return loss
+
+
+class ManualSAM(SAMMixin, Classifier):
+    def __init__(self, net, sync_ascent: bool = False) -> None:
+        super().__init__(net)
+        self.automatic_optimization = False
+        self.configure_sam("sam", sync_ascent=sync_ascent)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.sam_step(lambda: F.cross_entropy(self(x), y))
 
 
 class ScaleRecorder(Callback):
@@ -105,6 +116,8 @@ def main(mode: str, out_dir: str) -> None:
         module_cls = PoisonRankZero
     callbacks.append(SaveResult(out_dir, mode, state, recorder))
     module = module_cls(make_mlp())
+    if mode.startswith("mixin"):
+        module = ManualSAM(make_mlp(), sync_ascent=mode == "mixin_sync")
     trainer = quiet_trainer(
         max_epochs=1, devices=2, strategy=strategy, callbacks=callbacks, plugins=plugins, use_distributed_sampler=True
     )

@@ -121,6 +121,15 @@ def test_find_unused_parameters_and_ddp_spawn_match_local_ascent(tmp_path, mode)
     assert_matches(results[0]["weights"], reference_local_ascent())
 
 
+@pytest.mark.parametrize("mode, count", [("mixin", 5), ("mixin_sync", 10)])
+def test_mixin_under_ddp(tmp_path, mode, count):
+    results = run_ddp(mode, tmp_path)
+    assert_ranks_identical(results)
+    assert [r["allreduce_count"] for r in results] == [count, count]
+    expected = reference_local_ascent() if mode == "mixin" else reference_full_batch()
+    assert_matches(results[0]["weights"], expected)
+
+
 def test_sync_ascent_equals_full_batch_sam(tmp_path):
     results = run_ddp("sync", tmp_path)
     assert_ranks_identical(results)
