@@ -150,16 +150,9 @@ class SAMCallback(Callback):
                 f"SAMCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Put all parameters in "
                 "one optimizer (param groups may carry their own 'rho' or 'sam_exclude=True')."
             )
-        optimizer = trainer.optimizers[0]
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        groups = []
-        for g, group in enumerate(optimizer.param_groups):
-            entry: dict[str, Any] = {
-                "params": [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group["params"])]
-            }
-            entry.update({k: group[k] for k in ("rho", "sam_exclude") if k in group})
-            groups.append(entry)
-        self.engine = SAMEngine(groups, self.variant, self.rho, **self.variant_options)
+        self.engine = SAMEngine.from_optimizer(
+            trainer.optimizers[0], pl_module, self.variant, self.rho, **self.variant_options
+        )
         if self._pending_state:
             self.engine.load_state_dict(self._pending_state["engine"])
             self._pending_state = None

@@ -113,6 +113,30 @@ class SAMEngine:
         self.step_count = 0
         self.last_perturbation_norm: Tensor | None = None
 
+    @classmethod
+    def from_optimizer(
+        cls,
+        optimizer: torch.optim.Optimizer,
+        module: torch.nn.Module | None = None,
+        variant: str = "sam",
+        rho: float | None = None,
+        **variant_options: Any,
+    ) -> SAMEngine:
+        """An engine over the optimizer's param groups (their ``rho`` / ``sam_exclude`` keys are honoured).
+
+        Parameter names come from ``module.named_parameters()`` (they key the checkpointed variant state); a
+        parameter the module does not name is called ``group{g}.param{i}``.
+        """
+        names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
+        groups = []
+        for g, group in enumerate(optimizer.param_groups):
+            entry: dict[str, Any] = {
+                "params": [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group["params"])]
+            }
+            entry.update({k: group[k] for k in ("rho", "sam_exclude") if k in group})
+            groups.append(entry)
+        return cls(groups, variant, rho, **variant_options)
+
     # ------------------------------------------------------------------ properties
     @property
     def rho(self) -> float:

@@ -85,15 +85,13 @@ class SAMMixin:
             self.configure_sam()
         config = self._sam_config
         raw = getattr(optimizer, "optimizer", optimizer)
-        names = {id(p): n for n, p in self.named_parameters()}  # type: ignore[attr-defined]
-        groups = []
-        for g, group in enumerate(raw.param_groups):
-            entry: dict[str, Any] = {
-                "params": [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group["params"])]
-            }
-            entry.update({k: group[k] for k in ("rho", "sam_exclude") if k in group})
-            groups.append(entry)
-        self._sam_engine = SAMEngine(groups, config["variant"], config["rho"], **config["options"])
+        self._sam_engine = SAMEngine.from_optimizer(
+            raw,
+            self,
+            config["variant"],
+            config["rho"],
+            **config["options"],  # type: ignore[arg-type]
+        )
         self._sam_guard = SecondPassGuard(self)  # type: ignore[arg-type]
         return self._sam_engine
 

@@ -28,20 +28,6 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """``<a, b>`` over two tensor lists of equal shapes, in fp32, as a 0-dim tensor."""
-    products = torch._foreach_mul([t.float() for t in a], [t.float() for t in b])
-    sums = [p.sum() for p in products]
-    device = sums[0].device
-    return torch.stack([s.to(device) for s in sums]).sum()
-
-
-def any_non_finite(tensors: Sequence[Tensor]) -> Tensor:
-    """A 0-dim float tensor: 1.0 if any element of ``tensors`` is inf or NaN, else 0.0 (no host sync)."""
-    norm = global_norm(tensors)
-    return (~torch.isfinite(norm)).float()
-
-
 def group_by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
     """Indices of ``tensors`` grouped by device (foreach kernels and AMP helpers need one device per call)."""
     groups: dict[torch.device, list[int]] = {}

@@ -184,3 +184,19 @@ def test_no_parameters_and_duplicates():
         SAMEngine([p, p])
     with pytest.raises(TypeError, match="tensors"):
         SAMEngine([3.0])
+
+
+def test_from_optimizer_names_and_group_options():
+    net = make_mlp()
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [net[0].weight, net[2].weight], "rho": 0.1},
+            {"params": [net[0].bias, net[2].bias], "sam_exclude": True},
+        ],
+        lr=0.1,
+    )
+    engine = SAMEngine.from_optimizer(optimizer, net, "asam")
+    assert engine.names == ["0.weight", "2.weight"]
+    assert engine._rhos == [0.1, 0.1]
+    unnamed = SAMEngine.from_optimizer(optimizer)
+    assert unnamed.names == ["group0.param0", "group0.param1"]
