@@ -86,3 +86,15 @@ def mark_found_inf(scaler: torch.amp.GradScaler, optimizer: Optimizer, flag: Ten
         current.copy_(torch.maximum(current, flag.reshape(current.shape).to(current.dtype)))
     else:
         state[device] = flag.reshape(()).to(torch.float32).clone()
+
+
+@torch.no_grad()
+def poison_(grads: Sequence[Tensor]) -> None:
+    """Make ``grads`` non-finite so that GradScaler's own check skips the step and lowers the scale once.
+
+    Used when another rank overflowed in a local pass 1 (the all-reduced flag says skip) but this rank's
+    gradients are finite, on paths where GradScaler checks the gradients itself after our hook (fused optimizers,
+    manual optimization): every rank must skip together or the replicas diverge.
+    """
+    if grads:
+        torch._foreach_mul_(list(grads), float("nan"))

@@ -74,7 +74,7 @@ class SAMCallback(Callback):
         rho: neighbourhood radius; ``None`` takes the variant's default (SAM 0.05, ASAM 0.5).
         sync_ascent: under DDP, all-reduce pass 1 too (global-gradient SAM). Default False: each rank ascends
             with its own gradient (the paper's m-sharpness; half the communication); pass 2 always all-reduces.
-        **variant_options: the variant's options, named as in ALGORITHMS.md (ASAM: ``eta``).
+        **variant_options: the variant's options, named as on the variant's docs page (ASAM: ``eta``).
 
     Example::
 
@@ -148,7 +148,7 @@ class SAMCallback(Callback):
         if len(trainer.optimizers) != 1:
             raise RuntimeError(
                 f"SAMCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Put all parameters in "
-                "one optimizer (param groups may carry their own 'rho' or 'sam_exclude=True')."
+                "one optimizer (param groups may carry their own 'sam_rho' or 'sam_exclude=True')."
             )
         self.engine = SAMEngine.from_optimizer(
             trainer.optimizers[0], pl_module, self.variant, self.rho, **self.variant_options
@@ -223,9 +223,13 @@ class SAMCallback(Callback):
             found = registered.clone()
         if world_size() > 1 and not self.sync_ascent:
             all_reduce_max_(found)  # all ranks skip pass 2 together, or none does (else pass 2 deadlocks)
-            if not amp.handles_unscaling(optimizer):
+        overflowed = bool(found.item())
+        if overflowed:  # make sure GradScaler skips on this rank too (another rank may be the one that overflowed)
+            if amp.handles_unscaling(optimizer):
+                amp.poison_(_optimizer_grads(optimizer))  # scaler.step checks the grads itself
+            else:
                 amp.mark_found_inf(scaler, optimizer, found)
-        return bool(found.item())
+        return overflowed
 
     def _run_second_pass(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer, window: list[tuple[Any, int]]

@@ -83,7 +83,7 @@ class SAMEngine:
             in the norm).
         variant: a name from :func:`lightning_sam.available_variants`.
         rho: the neighbourhood radius; ``None`` takes the variant's default.
-        **variant_options: the variant's options, named as in ALGORITHMS.md (ASAM: ``eta``).
+        **variant_options: the variant's options, named as on the variant's docs page (ASAM: ``eta``).
 
     Only parameters whose ``.grad`` is set (and that require grad) take part in a step: the others are neither
     perturbed nor counted in any norm. The weights are saved before the ascent into a buffer allocated once and
@@ -122,7 +122,9 @@ class SAMEngine:
         rho: float | None = None,
         **variant_options: Any,
     ) -> SAMEngine:
-        """An engine over the optimizer's param groups (their ``rho`` / ``sam_exclude`` keys are honoured).
+        """An engine over the optimizer's param groups; a group's ``sam_rho`` and ``sam_exclude`` keys are honoured.
+
+        (``sam_rho``, not ``rho``: ``torch.optim.Adadelta`` stores its own ``rho`` in every group.)
 
         Parameter names come from ``module.named_parameters()`` (they key the checkpointed variant state); a
         parameter the module does not name is called ``group{g}.param{i}``.
@@ -133,7 +135,10 @@ class SAMEngine:
             entry: dict[str, Any] = {
                 "params": [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group["params"])]
             }
-            entry.update({k: group[k] for k in ("rho", "sam_exclude") if k in group})
+            if "sam_rho" in group:  # not "rho": Adadelta (and others) already use that key
+                entry["rho"] = group["sam_rho"]
+            if "sam_exclude" in group:
+                entry["sam_exclude"] = group["sam_exclude"]
             groups.append(entry)
         return cls(groups, variant, rho, **variant_options)
 

@@ -29,7 +29,13 @@ from torch import Tensor
 from lightning_sam import amp
 from lightning_sam.callback import _optimizer_grads, grad_scaler_of, log_metrics
 from lightning_sam.clipping import clip_gradients_, validate_clipping
-from lightning_sam.distributed import all_reduce_max_, set_gradient_sync, world_size
+from lightning_sam.distributed import (
+    all_reduce_max_,
+    check_static_graph,
+    check_strategy,
+    set_gradient_sync,
+    world_size,
+)
 from lightning_sam.engine import SAMEngine
 from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.variants import make_variant, variant_class
@@ -84,6 +90,11 @@ class SAMMixin:
         if not hasattr(self, "_sam_config"):
             self.configure_sam()
         config = self._sam_config
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            check_strategy(trainer)
+            if not config["sync_ascent"]:
+                check_static_graph(trainer)
         raw = getattr(optimizer, "optimizer", optimizer)
         self._sam_engine = SAMEngine.from_optimizer(
             raw,
@@ -127,6 +138,7 @@ class SAMMixin:
                 all_reduce_max_(found)
             if found.item():  # one host sync, only under GradScaler (it syncs here anyway)
                 run_second = False
+                amp.poison_(_optimizer_grads(raw))  # the scaler's unscale_ in step() then skips on every rank
         if run_second:
             perturbation_norm = engine.ascend()
             try:

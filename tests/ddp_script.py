@@ -69,6 +69,19 @@ class ManualSAM(SAMMixin, Classifier):
         return self.sam_step(lambda: F.cross_entropy(self(x), y))
 
 
+class ManualPoisonRankZero(ManualSAM):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+
+        def loss_fn():
+            loss = F.cross_entropy(self(x), y)
+            if batch_idx == 2 and self.global_rank == 0 and not in_second_pass():
+                loss = loss * float("inf")
+            return loss
+
+        return self.sam_step(loss_fn)
+
+
 class ScaleRecorder(Callback):
     def __init__(self) -> None:
         self.scales: list[float] = []
@@ -115,7 +128,10 @@ def main(mode: str, out_dir: str) -> None:
         callbacks.append(recorder)
         module_cls = PoisonRankZero
     callbacks.append(SaveResult(out_dir, mode, state, recorder))
-    module = module_cls(make_mlp())
+    module = module_cls(make_mlp(), optimizer="adam_fused") if mode == "fp16_fused" else module_cls(make_mlp())
+    if mode == "fp16_mixin":
+        callbacks = [c for c in callbacks if not isinstance(c, SAMCallback)]
+        module = ManualPoisonRankZero(make_mlp())
     if mode.startswith("mixin"):
         module = ManualSAM(make_mlp(), sync_ascent=mode == "mixin_sync")
     trainer = quiet_trainer(

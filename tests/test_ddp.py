@@ -140,8 +140,9 @@ def test_sync_ascent_equals_full_batch_sam(tmp_path):
     assert max((results[0]["weights"][k] - v).abs().max().item() for k, v in local.state_dict().items()) > 1e-6
 
 
-def test_fp16_overflow_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
-    results = run_ddp("fp16", tmp_path)  # rank 0 alone overflows in pass 1 of step 2: no deadlock
+@pytest.mark.parametrize("mode", ["fp16", "fp16_fused", "fp16_mixin"])
+def test_fp16_overflow_on_one_rank_skips_the_step_on_all_ranks(tmp_path, mode):
+    results = run_ddp(mode, tmp_path)  # rank 0 alone overflows in pass 1 of step 2: no deadlock
     assert_ranks_identical(results)
     for r in results:
         assert r["scales"] == [256.0, 256.0, 128.0, 128.0, 128.0]  # halved once, on every rank

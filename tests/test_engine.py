@@ -190,7 +190,7 @@ def test_from_optimizer_names_and_group_options():
     net = make_mlp()
     optimizer = torch.optim.SGD(
         [
-            {"params": [net[0].weight, net[2].weight], "rho": 0.1},
+            {"params": [net[0].weight, net[2].weight], "sam_rho": 0.1},
             {"params": [net[0].bias, net[2].bias], "sam_exclude": True},
         ],
         lr=0.1,
@@ -200,3 +200,9 @@ def test_from_optimizer_names_and_group_options():
     assert engine._rhos == [0.1, 0.1]
     unnamed = SAMEngine.from_optimizer(optimizer)
     assert unnamed.names == ["group0.param0", "group0.param1"]
+
+
+def test_from_optimizer_ignores_adadelta_rho():
+    net = make_mlp()
+    engine = SAMEngine.from_optimizer(torch.optim.Adadelta(net.parameters()), net, "sam", rho=0.05)
+    assert engine._rhos == [0.05] * 4
