@@ -67,6 +67,8 @@ def check_strategy(trainer: Trainer) -> None:
             "gradient norm and the saved copy would need a reduction over shards. Use strategy='ddp' "
             "(DistributedDataParallel replicates the model and is fully supported)."
         )
+    if "XLA" in name:
+        raise RuntimeError(f"lightning_sam has not been built or tested for {name} (XLA/TPU). Use strategy='ddp'.")
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise RuntimeError(
             f"lightning_sam supports the single-device and DDP strategies (ddp, ddp_spawn, "

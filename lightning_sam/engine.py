@@ -175,7 +175,7 @@ class SAMEngine:
             torch._foreach_mul_(active.grads, grad_scale)
         if not self._perturbed:
             torch._foreach_copy_(active.saved, active.params)
-            self._active = active
+        self._active = active
         denominator = self.variant.direction_(active) + EPS
         if len(self._rho_groups) == 1:
             torch._foreach_mul_(active.grads, self._rho_groups[0][0] / denominator)
@@ -235,7 +235,9 @@ class SAMEngine:
             self.plain_step()
             return loss
         try:
-            self.ascend()
+            if self.ascend() is None:  # no parameter has a gradient: nothing to perturb, no pass 2
+                self.plain_step()
+                return loss
             closure()
             self.descend()
         finally:
@@ -263,7 +265,10 @@ class SAMEngine:
         if perturbed and self._active is not None:
             # later ascent of a multi-step variant: same parameters, fresh gradients
             active = self._active
-            return StepTensors(active.names, active.params, [p.grad for p in active.params], active.saved)
+            grads = [p.grad for p in active.params]
+            if any(g is None for g in grads):
+                raise RuntimeError("a later ascent of the step found parameters without a gradient")
+            return StepTensors(active.names, active.params, grads, active.saved, ascent=active.ascent + 1)  # type: ignore[arg-type]
         key = tuple(i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad)
         if not key:
             return None

@@ -45,7 +45,6 @@ class SAMMixin:
     """Mix into a ``LightningModule`` with ``automatic_optimization = False``; see :meth:`sam_step`."""
 
     _sam_config: dict[str, Any]
-    _sam_engine: SAMEngine | None = None
     _sam_guard: SecondPassGuard | None = None
 
     def configure_sam(
@@ -74,14 +73,31 @@ class SAMMixin:
             "clip_val": gradient_clip_val,
             "clip_algorithm": gradient_clip_algorithm,
         }
-        self._sam_engine = None
+        self._sam_engines = {}
 
     @property
     def sam_engine(self) -> SAMEngine | None:
-        """The engine behind :meth:`sam_step` (built on the first call)."""
-        return self._sam_engine
+        """The engine behind :meth:`sam_step` for the first optimizer (built on the first call)."""
+        engines = getattr(self, "_sam_engines", {})
+        return engines[min(engines)] if engines else None
 
-    def _sam_setup(self, optimizer: Any) -> SAMEngine:
+    def _sam_engine_for(self, optimizer: Any) -> SAMEngine:
+        """The engine of ``optimizer`` (one per optimizer, keyed by its index in ``trainer.optimizers``)."""
+        raw = getattr(optimizer, "optimizer", optimizer)
+        trainer = getattr(self, "trainer", None)
+        optimizers = list(trainer.optimizers) if trainer is not None else [raw]
+        index = next((i for i, o in enumerate(optimizers) if o is raw), None)
+        if index is None:
+            raise RuntimeError("sam_step: the optimizer is not one of the trainer's optimizers")
+        engines: dict[int, SAMEngine] = self.__dict__.setdefault("_sam_engines", {})
+        if index not in engines:
+            engines[index] = self._sam_setup(raw)
+            pending = self.__dict__.get("_sam_pending_state") or {}
+            if index in pending:
+                engines[index].load_state_dict(pending.pop(index))
+        return engines[index]
+
+    def _sam_setup(self, raw: Any) -> SAMEngine:
         if getattr(self, "automatic_optimization", True):
             raise RuntimeError(
                 "sam_step needs manual optimization: set self.automatic_optimization = False in __init__ "
@@ -95,23 +111,40 @@ class SAMMixin:
             check_strategy(trainer)
             if not config["sync_ascent"]:
                 check_static_graph(trainer)
-        raw = getattr(optimizer, "optimizer", optimizer)
-        self._sam_engine = SAMEngine.from_optimizer(
+        if self._sam_guard is None:
+            self._sam_guard = SecondPassGuard(self)  # type: ignore[arg-type]
+        return SAMEngine.from_optimizer(
             raw,
-            self,
+            self,  # type: ignore[arg-type]
             config["variant"],
             config["rho"],
-            **config["options"],  # type: ignore[arg-type]
+            **config["options"],
         )
-        self._sam_guard = SecondPassGuard(self)  # type: ignore[arg-type]
-        return self._sam_engine
+
+    # Variant state travels in the checkpoint under this key, one entry per optimizer index. A subclass that
+    # overrides these hooks must call super() (they are cooperative, like every LightningModule hook).
+    _SAM_CHECKPOINT_KEY = "lightning_sam.SAMMixin"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        engines = getattr(self, "_sam_engines", {})
+        if engines:
+            checkpoint[self._SAM_CHECKPOINT_KEY] = {i: engine.state_dict() for i, engine in engines.items()}
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(self._SAM_CHECKPOINT_KEY)
+        if state:
+            self._sam_pending_state = dict(state)
+            self._sam_engines = {}
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def sam_step(self, loss_fn: Callable[[], Tensor], optimizer: Any | None = None) -> Tensor:
         """One whole SAM step: pass 1, ascent, pass 2, restore, clipping, ``optimizer.step()``, ``zero_grad()``.
 
         Args:
             loss_fn: computes the module's loss on the current batch (forward only; called twice).
-            optimizer: defaults to ``self.optimizers()`` (there must be one then).
+            optimizer: defaults to ``self.optimizers()`` (there must be one then). With several optimizers, pass
+                the one to step; each gets its own engine (and variant state).
 
         Returns:
             The pass-1 loss, detached.
@@ -120,7 +153,7 @@ class SAMMixin:
             optimizer = self.optimizers()  # type: ignore[attr-defined]
             if isinstance(optimizer, list):
                 raise RuntimeError("sam_step: the module has several optimizers; pass optimizer=... explicitly")
-        engine = self._sam_engine or self._sam_setup(optimizer)
+        engine = self._sam_engine_for(optimizer)
         config = self._sam_config
         trainer = self.trainer  # type: ignore[attr-defined]
         raw = getattr(optimizer, "optimizer", optimizer)

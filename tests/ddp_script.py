@@ -135,7 +135,13 @@ def main(mode: str, out_dir: str) -> None:
     if mode.startswith("mixin"):
         module = ManualSAM(make_mlp(), sync_ascent=mode == "mixin_sync")
     trainer = quiet_trainer(
-        max_epochs=1, devices=2, strategy=strategy, callbacks=callbacks, plugins=plugins, use_distributed_sampler=True
+        max_epochs=1,
+        devices=2,
+        strategy=strategy,
+        callbacks=callbacks,
+        plugins=plugins,
+        use_distributed_sampler=True,
+        accumulate_grad_batches=2 if mode.endswith("accum") else 1,
     )
     trainer.fit(module, fixed_loader(n=N_SAMPLES, batch_size=BATCH_SIZE))
 

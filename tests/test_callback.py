@@ -178,3 +178,21 @@ def test_every_step_checkpoint_and_validation_see_unperturbed_weights(tmp_path):
         state = torch.load(tmp_path / f"step={step}.ckpt", weights_only=False)["state_dict"]
         for name, value in after_step[step - 1].items():
             torch.testing.assert_close(state[f"net.{name}"], value, atol=1e-6, rtol=0)
+
+
+def test_dropout_matches_a_plain_loop_drawing_the_same_masks():
+    """Pass 2 draws fresh dropout masks, exactly like a plain two-forward SAM loop does."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.3), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    loader = fixed_loader(n=80, batch_size=16)
+    reference = copy.deepcopy(net)
+    optimizer = make_optimizer("sgd", reference.parameters())
+    torch.manual_seed(42)
+    for batch in loader:
+        reference_sam_step(reference, cross_entropy_of(batch), optimizer, "sam", 0.05)
+    module = Classifier(copy.deepcopy(net))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[SAMCallback("sam")])
+    torch.manual_seed(42)
+    trainer.fit(module, loader)
+    for p, q in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)

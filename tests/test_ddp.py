@@ -41,28 +41,31 @@ def rank_batches(rank: int, world: int = 2):
     ]
 
 
-def grads_at(net, batch):
+def grads_at(net, batches, accumulate=1):
+    """Gradient of the window ``batches`` (one batch or a list), each loss divided by ``accumulate``."""
     net.zero_grad()
-    F.cross_entropy(net(batch[0]), batch[1]).backward()
+    for x, y in batches if isinstance(batches, list) else [batches]:
+        (F.cross_entropy(net(x), y) / accumulate).backward()
     return [p.grad.detach().clone() for p in net.parameters()]
 
 
-def reference_local_ascent(world: int = 2):
-    """Each rank perturbs with its own gradient; the descent gradient is the mean of the ranks' g_adv."""
+def reference_local_ascent(world: int = 2, accumulate: int = 1):
+    """Each rank perturbs with its own (window) gradient; the descent gradient is the mean of the ranks' g_adv."""
     net = make_mlp()
     optimizer = make_optimizer("sgd", net.parameters())
     per_rank = [rank_batches(r, world) for r in range(world)]
+    windows = [[batches[i : i + accumulate] for i in range(0, len(batches), accumulate)] for batches in per_rank]
     params = list(net.parameters())
-    for step in range(len(per_rank[0])):
+    for step in range(len(windows[0])):
         adversarial = []
         for rank in range(world):
-            batch = per_rank[rank][step]
+            batch = windows[rank][step]
             originals = [p.detach().clone() for p in params]
-            perturbation = PERTURBATIONS["sam"](params, grads_at(net, batch), 0.05)
+            perturbation = PERTURBATIONS["sam"](params, grads_at(net, batch, accumulate), 0.05)
             with torch.no_grad():
                 for p, e in zip(params, perturbation):
                     p.add_(e)
-            adversarial.append(grads_at(net, batch))
+            adversarial.append(grads_at(net, batch, accumulate))
             with torch.no_grad():
                 for p, original in zip(params, originals):
                     p.copy_(original)
@@ -119,6 +122,14 @@ def test_find_unused_parameters_and_ddp_spawn_match_local_ascent(tmp_path, mode)
     assert_ranks_identical(results)
     assert [r["allreduce_count"] for r in results] == [5, 5]
     assert_matches(results[0]["weights"], reference_local_ascent())
+
+
+def test_accumulation_under_ddp_all_reduces_once_per_window(tmp_path):
+    results = run_ddp("local_accum", tmp_path)  # 5 micro-batches per rank, windows of 2: 2 + 2 + 1
+    assert_ranks_identical(results)
+    assert results[0]["global_step"] == 3
+    assert [r["allreduce_count"] for r in results] == [3, 3]
+    assert_matches(results[0]["weights"], reference_local_ascent(accumulate=2))
 
 
 @pytest.mark.parametrize("mode, count", [("mixin", 5), ("mixin_sync", 10)])

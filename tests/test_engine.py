@@ -206,3 +206,49 @@ def test_from_optimizer_ignores_adadelta_rho():
     net = make_mlp()
     engine = SAMEngine.from_optimizer(torch.optim.Adadelta(net.parameters()), net, "sam", rho=0.05)
     assert engine._rhos == [0.05] * 4
+
+
+def test_multi_step_ascent_accumulates_and_restores_the_first_point():
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    engine = SAMEngine(net.parameters(), "sam", rho=0.05)
+    before = [p.detach().clone() for p in net.parameters()]
+    cross_entropy_of(batch)(net).backward()
+    engine.ascend()
+    middle = [p.detach().clone() for p in net.parameters()]
+    net.zero_grad()
+    cross_entropy_of(batch)(net).backward()
+    second = engine.ascend()
+    torch.testing.assert_close(second, torch.tensor(0.05), atol=1e-6, rtol=0)
+    moved = torch.sqrt(sum(((p - m) ** 2).sum() for p, m in zip(net.parameters(), middle)))
+    torch.testing.assert_close(moved, torch.tensor(0.05), atol=1e-6, rtol=0)
+    net.zero_grad()
+    cross_entropy_of(batch)(net).backward()
+    engine.descend()
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_asam_refuses_a_second_ascent():
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    engine = SAMEngine(net.parameters(), "asam")
+    before = [p.detach().clone() for p in net.parameters()]
+    cross_entropy_of(batch)(net).backward()
+    engine.ascend()
+    with pytest.raises(RuntimeError, match="single-step"):
+        engine.ascend()
+    engine.restore()
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_step_without_any_gradient_runs_no_second_pass():
+    net = make_mlp()
+    engine = SAMEngine(net.parameters())
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.zeros(())
+
+    engine.step(closure)
+    assert calls == [1] and engine.step_count == 1 and not engine.is_perturbed

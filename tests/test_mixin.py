@@ -70,3 +70,48 @@ def test_mixin_requires_manual_optimization():
 def test_mixin_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ManualSAM(make_mlp(), **kwargs)
+
+
+def test_mixin_variant_state_is_checkpointed_and_resumed(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    loader = fixed_loader(n=64, batch_size=16)
+    straight = ManualSAM(make_mlp(), "asam")
+    quiet_trainer(max_epochs=3).fit(straight, loader)
+    first = ManualSAM(make_mlp(), "asam")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(max_epochs=2, callbacks=[checkpoint], enable_checkpointing=True).fit(first, loader)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved[ManualSAM._SAM_CHECKPOINT_KEY][0]["step"] == 8
+    resumed = ManualSAM(make_mlp(seed=5), "asam")
+    quiet_trainer(max_epochs=3).fit(resumed, loader, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.sam_engine.step_count == straight.sam_engine.step_count == 12
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_mixin_keeps_one_engine_per_optimizer():
+    class TwoOptimizers(SAMMixin, Classifier):
+        def __init__(self, net):
+            super().__init__(net)
+            self.automatic_optimization = False
+            self.configure_sam("sam")
+
+        def configure_optimizers(self):
+            first = torch.optim.SGD(self.net[0].parameters(), lr=0.1)
+            second = torch.optim.SGD(self.net[2].parameters(), lr=0.1)
+            return [first, second]
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            first, second = self.optimizers()
+            self.sam_step(lambda: F.cross_entropy(self(x), y), optimizer=first)
+            self.sam_step(lambda: F.cross_entropy(self(x), y), optimizer=second)
+
+    module = TwoOptimizers(make_mlp())
+    quiet_trainer(max_steps=4).fit(module, fixed_loader())
+    engines = module._sam_engines
+    assert sorted(engines) == [0, 1]
+    assert engines[0].names == ["net.0.weight", "net.0.bias"]
+    assert engines[1].names == ["net.2.weight", "net.2.bias"]
+    assert engines[0].step_count == engines[1].step_count == 2

@@ -27,13 +27,15 @@ class StepTensors:
     """The tensors of one step, restricted to the parameters that take part (those with a gradient).
 
     ``names[i]``, ``params[i]``, ``grads[i]`` and ``saved[i]`` describe the same parameter. ``saved`` holds
-    the weights as they were before the first ascent of the step (what the engine copies back).
+    the weights as they were before the first ascent of the step (what the engine copies back). ``ascent`` counts
+    the ascents of this step before this one (0 for single-step variants; multi-step variants ascend again).
     """
 
     names: list[str]
     params: list[Tensor]
     grads: list[Tensor]
     saved: list[Tensor]
+    ascent: int = 0
 
 
 class Variant(ABC):
@@ -56,8 +58,8 @@ class Variant(ABC):
     def direction_(self, step: StepTensors) -> Tensor:
         """Overwrite ``step.grads`` with the unnormalized ascent direction ``u``; return ``n`` (fp32, 0-dim).
 
-        The engine then sets ``e = rho * u / (n + eps)``. ``step.params`` hold ``w`` on entry and must hold
-        ``w`` again on return (they may be used as scratch space and copied back from ``step.saved``).
+        The engine then sets ``w <- w + rho * u / (n + eps)``. ``step.params`` hold the current point on entry and
+        must hold it again on return (at the first ascent, ``step.ascent == 0``, that point equals ``step.saved``).
         """
 
     def descent_(self, step: StepTensors) -> None:

@@ -54,10 +54,12 @@ class ASAM(Variant):
         self.eta = float(eta)
 
     def direction_(self, step: StepTensors) -> Tensor:
+        if step.ascent:
+            raise RuntimeError("asam is a single-step rule: T = |w| + eta uses w before the (only) ascent")
         params, grads = step.params, step.grads
         with torch.no_grad():
-            # Use the weights themselves as scratch for T (no extra buffer); they are copied back from the
-            # saved copy below, bit-exactly.
+            # Use the weights themselves as scratch for T (no extra buffer); at the first ascent they equal the
+            # saved copy, so copying it back below restores them bit-exactly.
             torch._foreach_abs_(params)
             torch._foreach_add_(params, self.eta)
             torch._foreach_mul_(grads, params)  # T * g
