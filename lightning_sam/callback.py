@@ -16,20 +16,30 @@ and BatchNorm running statistics are as pass 1 left them (see :mod:`lightning_sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_sam import amp
-from lightning_sam.distributed import all_reduce_max_, check_static_graph, check_strategy, set_gradient_sync, world_size
+from lightning_sam.batches import batch_size_of, batchnorm_in_eval, slice_batch
+from lightning_sam.distributed import (
+    all_reduce_max_,
+    all_reduce_sum_,
+    check_static_graph,
+    check_strategy,
+    set_gradient_sync,
+    world_size,
+)
 from lightning_sam.engine import SAMEngine
 from lightning_sam.side_effects import SecondPassGuard
-from lightning_sam.variants import make_variant, variant_class
+from lightning_sam.variants import Variant, make_variant, variant_class
 
 
 def loss_from_output(output: Any) -> Tensor | None:
@@ -150,14 +160,34 @@ class SAMCallback(Callback):
                 f"SAMCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Put all parameters in "
                 "one optimizer (param groups may carry their own 'sam_rho' or 'sam_exclude=True')."
             )
-        self.engine = SAMEngine.from_optimizer(
-            trainer.optimizers[0], pl_module, self.variant, self.rho, **self.variant_options
-        )
+        options = {**self._trainer_defaults(trainer), **self.variant_options}
+        self.engine = SAMEngine.from_optimizer(trainer.optimizers[0], pl_module, self.variant, self.rho, **options)
+        self.engine.set_all_reduce(all_reduce_sum_)
         if self._pending_state:
             self.engine.load_state_dict(self._pending_state["engine"])
             self._pending_state = None
+        whole = getattr(self.engine.variant, "fully_perturbed", None)
+        if whole:
+            rank_zero_info(f"SAMCallback: these tensors cannot take the N:M pattern and are perturbed whole: {whole}")
         self._guard = SecondPassGuard(pl_module)
         self._window = []
+
+    def _trainer_defaults(self, trainer: Trainer) -> dict[str, Any]:
+        """Variant options derived from the Trainer (e.g. SSAM's refresh period), when the variant wants any."""
+        variant_cls = variant_class(self.variant)
+        if variant_cls.trainer_defaults.__func__ is Variant.trainer_defaults.__func__:  # type: ignore[attr-defined]
+            return {}
+        total = trainer.estimated_stepping_batches  # loads the train dataloader if needed
+        batches = trainer.num_training_batches
+        if not math.isfinite(total) or not math.isfinite(batches):
+            if set(variant_cls.trainer_defaults(self.variant_options, 1, 1)) <= set(self.variant_options):
+                return {}  # the user gave every option in steps
+            raise RuntimeError(
+                f"SAMCallback({self.variant!r}) derives its schedule from the epoch length, but the train dataloader "
+                "has no length: pass the options in steps explicitly (e.g. mask_every=..., total_steps=...)."
+            )
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        return variant_cls.trainer_defaults(self.variant_options, steps_per_epoch, int(total))
 
     # ------------------------------------------------------------------ pass 1
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -165,6 +195,8 @@ class SAMCallback(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.engine is not None
+        if self.engine.samples_needed():
+            self._collect_samples(trainer, pl_module, batch, batch_idx)
         if not self._window:
             self._second_pass_planned = self.engine.needs_second_pass()
             self._loss1 = None
@@ -172,6 +204,30 @@ class SAMCallback(Callback):
         # A step with pass 2 ascends with the local gradient; a step without one descends on pass 1's gradient,
         # which must then be all-reduced.
         set_gradient_sync(trainer, self.sync_ascent or not self._second_pass_planned)
+
+    def _collect_samples(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Per-sample gradients of this batch for the variant (SSAM's Fisher), with no visible side effect.
+
+        ``training_step`` runs on slices of the batch, directly on the LightningModule (not through DDP: these
+        passes are local and only their squared gradients are summed over ranks), in fp32, with BatchNorm on its
+        running statistics; logs, metrics and buffers are restored as for pass 2.
+        """
+        assert self.engine is not None and self._guard is not None
+        pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+
+        def loss_of_slice(start: int, stop: int) -> Tensor:
+            piece = slice_batch(batch, start, stop)
+            loss = loss_from_output(pl_module.training_step(*((piece, batch_idx) if pass_batch_idx else (piece,))))
+            if loss is None:
+                raise RuntimeError("training_step returned None on a slice of the batch during SSAM's Fisher pass")
+            return loss
+
+        self._in_second_pass = True
+        try:
+            with self._guard.active(), batchnorm_in_eval(pl_module):
+                self.engine.collect_samples(loss_of_slice, batch_size_of(batch))
+        finally:
+            self._in_second_pass = False
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         value = loss.detach()
@@ -189,6 +245,7 @@ class SAMCallback(Callback):
             return  # training_step returned None: Lightning ran no backward, no SAM this step
         if not self._second_pass_planned:
             engine.plain_step()
+            log_metrics(pl_module, engine.variant.metrics())
             return
         scaler = grad_scaler_of(trainer)
         if scaler is not None and self._pass1_overflowed(scaler, optimizer):
@@ -257,7 +314,8 @@ class SAMCallback(Callback):
         sharpness = self._loss2.float() - self._loss1.float()
         if scaler is not None:  # the losses seen by on_before_backward were scaled
             sharpness = sharpness * amp.inverse_scale(scaler).to(sharpness.device)
-        log_metrics(pl_module, {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm})
+        values = {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm}
+        log_metrics(pl_module, {**values, **self.engine.variant.metrics()})  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ safety nets
     def _restore(self) -> None:

@@ -36,6 +36,13 @@ def all_reduce_max_(flag: Tensor) -> Tensor:
     return flag
 
 
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """SUM over all ranks in place (no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def all_reduce_mean_(tensor: Tensor) -> Tensor:
     """Average over all ranks in place (no-op when not distributed)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -100,6 +107,7 @@ def world_size() -> int:
 __all__ = [
     "all_reduce_max_",
     "all_reduce_mean_",
+    "all_reduce_sum_",
     "check_static_graph",
     "check_strategy",
     "ddp_module",

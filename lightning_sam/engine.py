@@ -22,6 +22,7 @@ ops, and the restore. The variant (``lightning_sam.variants``) only supplies the
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from lightning_sam.tensor_ops import EPS, global_norm
+from lightning_sam.tensor_ops import EPS
 from lightning_sam.variants import StepTensors, Variant, make_variant
 
 ParamsLike = Iterable[Parameter] | Iterable[tuple[str, Parameter]] | Iterable[dict[str, Any]]
@@ -105,6 +106,7 @@ class SAMEngine:
             if isinstance(rho_i, bool) or not isinstance(rho_i, (int, float)) or not math.isfinite(rho_i) or rho_i <= 0:
                 raise ValueError(f"SAMEngine: param group rho must be a finite number > 0, got {rho_i!r} for {name!r}")
             self._rhos.append(float(rho_i))
+        self.variant.bind(list(self.names), list(self.params))
         self._saved_views: list[Tensor] | None = None
         self._cache_key: tuple[int, ...] | None = None
         self._active: StepTensors | None = None
@@ -174,7 +176,7 @@ class SAMEngine:
         if grad_scale is not None:
             torch._foreach_mul_(active.grads, grad_scale)
         if not self._perturbed:
-            torch._foreach_copy_(active.saved, active.params)
+            self.variant.save_(active)
         self._active = active
         denominator = self.variant.direction_(active) + EPS
         if len(self._rho_groups) == 1:
@@ -182,9 +184,8 @@ class SAMEngine:
         else:
             for rho, positions in self._rho_groups:
                 torch._foreach_mul_([active.grads[i] for i in positions], rho / denominator)
-        perturbation_norm = global_norm(active.grads)
-        torch._foreach_add_(active.params, active.grads)
-        self._perturbed = True
+        self._perturbed = True  # from here on, restore() must run
+        perturbation_norm = self.variant.apply_(active)
         self.last_perturbation_norm = perturbation_norm
         return perturbation_norm
 
@@ -202,12 +203,48 @@ class SAMEngine:
                             names=[active.names[i] for i in present],
                             params=[active.params[i] for i in present],
                             grads=[grads[i] for i in present],  # type: ignore[misc]
-                            saved=[active.saved[i] for i in present],
+                            saved=[active.saved[i] for i in present] if active.saved else [],
                         )
                     )
         finally:
             self.restore()
         self.step_count += 1
+
+    def samples_needed(self) -> int:
+        """How many training samples the variant wants this step (SSAM's Fisher mask); 0 for none."""
+        return self.variant.samples_needed(self.step_count)
+
+    def collect_samples(self, loss_of_slice: Callable[[int, int], Tensor], batch_size: int) -> int:
+        """Feed per-sample squared gradients of the current batch to the variant (SSAM's Fisher mask).
+
+        ``loss_of_slice(i, j)`` must return the training loss of samples ``i:j`` of the current batch, without
+        side effects. Gradients come from ``torch.autograd.grad`` in micro-batches of the variant's
+        ``fisher_batch_size``: ``p.grad`` is neither read nor changed. Call it before :meth:`ascend`; returns the
+        number of samples used (at most :meth:`samples_needed`).
+        """
+        wanted = min(self.samples_needed(), batch_size)
+        if wanted <= 0:
+            return 0
+        started = time.perf_counter()
+        chunk = max(1, int(getattr(self.variant, "fisher_batch_size", 1)))
+        trained = [(i, p) for i, p in enumerate(self.params) if p.requires_grad]
+        sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        for start in range(0, wanted, chunk):
+            stop = min(start + chunk, wanted)
+            with torch.enable_grad():
+                loss = loss_of_slice(start, stop)
+                grads = torch.autograd.grad(loss, [p for _, p in trained], allow_unused=True)
+            present = [(sums[i], g.float()) for (i, _), g in zip(trained, grads) if g is not None]
+            if present:
+                targets, values = zip(*present)
+                torch._foreach_addcmul_(list(targets), list(values), list(values))
+        self.variant.refresh_seconds += time.perf_counter() - started
+        self.variant.add_squared_gradients_(sums, wanted, self.step_count)
+        return wanted
+
+    def set_all_reduce(self, all_reduce_sum_: Callable[[Tensor], Tensor]) -> None:
+        """Give the variant an in-place SUM over ranks (DDP) for state every rank must agree on."""
+        self.variant.set_all_reduce(all_reduce_sum_)
 
     def plain_step(self) -> None:
         """Count a step that ran without the ascent and pass 2 (the optimizer descends on ``g``)."""
@@ -219,7 +256,7 @@ class SAMEngine:
     def restore(self) -> None:
         """Copy the saved weights back (bit-exact). Idempotent: a no-op when nothing is perturbed."""
         if self._perturbed and self._active is not None:
-            torch._foreach_copy_(self._active.params, self._active.saved)
+            self.variant.restore_(self._active)
         self._perturbed = False
         self._active = None
 
@@ -268,23 +305,25 @@ class SAMEngine:
             grads = [p.grad for p in active.params]
             if any(g is None for g in grads):
                 raise RuntimeError("a later ascent of the step found parameters without a gradient")
-            return StepTensors(active.names, active.params, grads, active.saved, ascent=active.ascent + 1)  # type: ignore[arg-type]
+            return StepTensors(
+                active.names, active.params, grads, active.saved, ascent=active.ascent + 1, step=self.step_count
+            )  # type: ignore[arg-type]
         key = tuple(i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad)
         if not key:
             return None
         if self._saved_views is None:
-            self._saved_views = self._allocate_saved()
+            self._saved_views = self._allocate_saved() if self.variant.dense_save else []
         if key != self._cache_key:
             self._cache_key = key
             self._key_names = [self.names[i] for i in key]
             self._key_params = [self.params[i] for i in key]
-            self._key_saved = [self._saved_views[i] for i in key]
+            self._key_saved = [self._saved_views[i] for i in key] if self._saved_views else []
             groups: dict[float, list[int]] = {}
             for position, i in enumerate(key):
                 groups.setdefault(self._rhos[i], []).append(position)
             self._rho_groups = list(groups.items())
         grads = [p.grad for p in self._key_params]
-        return StepTensors(self._key_names, self._key_params, grads, self._key_saved)  # type: ignore[arg-type]
+        return StepTensors(self._key_names, self._key_params, grads, self._key_saved, step=self.step_count)  # type: ignore[arg-type]
 
     def _allocate_saved(self) -> list[Tensor]:
         """One flat buffer per (device, dtype), allocated once; a view of it per parameter."""

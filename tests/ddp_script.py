@@ -97,7 +97,10 @@ class SaveResult(Callback):
         self.out_dir, self.mode, self.state, self.recorder = out_dir, mode, state, recorder
 
     def on_train_end(self, trainer, pl_module):
+        sam = next((c for c in trainer.callbacks if isinstance(c, SAMCallback)), None)
+        dense_masks = getattr(sam.engine.variant, "dense_masks", None) if sam is not None else None
         result = {
+            "masks": dense_masks() if dense_masks else None,
             "weights": {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()},
             "allreduce_count": self.state.count,
             "global_step": trainer.global_step,
@@ -119,6 +122,10 @@ def main(mode: str, out_dir: str) -> None:
     module_cls = Classifier
     if mode.startswith(("local", "fp16")):
         callbacks.append(SAMCallback("sam"))
+    elif mode == "ssam_fisher":
+        callbacks.append(SAMCallback("ssam", num_samples=24, mask_every=2, sparsity=0.7))
+    elif mode == "ssam_dst":
+        callbacks.append(SAMCallback("ssam", mask="dst", mask_every=2, sparsity=0.7))
     elif mode == "sync":
         callbacks.append(SAMCallback("sam", sync_ascent=True))
     recorder = ScaleRecorder()

@@ -165,3 +165,14 @@ def test_reference_helpers_are_consistent():
     seen = torch.cat([b[0] for r in range(2) for b in rank_batches(r)])
     assert seen.shape[0] == N_SAMPLES
     assert copy.deepcopy(make_mlp()) is not None
+
+
+@pytest.mark.parametrize("mode", ["ssam_fisher", "ssam_dst"])
+def test_ssam_masks_identical_on_every_rank(tmp_path, mode):
+    results = run_ddp(mode, tmp_path)
+    assert_ranks_identical(results)
+    masks = [r["masks"] for r in results]
+    assert masks[0] is not None and set(masks[0]) == set(masks[1])
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    kept = sum(m.sum().item() for m in masks[0].values())
+    assert kept == round(195 * (1 - 0.7))

@@ -9,11 +9,15 @@ import inspect
 from typing import Any
 
 from lightning_sam.variants.base import StepTensors, Variant
+from lightning_sam.variants.fsam import FSAM
 from lightning_sam.variants.sam import ASAM, SAM
+from lightning_sam.variants.ssam import SSAM
 
 _REGISTRY: dict[str, type[Variant]] = {
     "sam": SAM,
     "asam": ASAM,
+    "ssam": SSAM,
+    "fsam": FSAM,
 }
 
 

@@ -16,10 +16,19 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
+
+from lightning_sam.tensor_ops import global_norm
+
+
+def _local_only(tensor: Tensor) -> Tensor:
+    """The all-reduce of a single process: nothing to do."""
+    return tensor
 
 
 @dataclass
@@ -28,7 +37,9 @@ class StepTensors:
 
     ``names[i]``, ``params[i]``, ``grads[i]`` and ``saved[i]`` describe the same parameter. ``saved`` holds
     the weights as they were before the first ascent of the step (what the engine copies back). ``ascent`` counts
-    the ascents of this step before this one (0 for single-step variants; multi-step variants ascend again).
+    the ascents of this step before this one (0 for single-step variants; multi-step variants ascend again);
+    ``step`` is the engine's optimizer-step counter. A variant with ``dense_save = False`` gets ``saved = []`` and
+    keeps its own (sparse) copy in :meth:`Variant.save_` / :meth:`Variant.restore_`.
     """
 
     names: list[str]
@@ -36,6 +47,7 @@ class StepTensors:
     grads: list[Tensor]
     saved: list[Tensor]
     ascent: int = 0
+    step: int = 0
 
 
 class Variant(ABC):
@@ -43,6 +55,7 @@ class Variant(ABC):
 
     name: ClassVar[str] = ""
     default_rho: ClassVar[float] = 0.05
+    dense_save: ClassVar[bool] = True  # the engine keeps a full saved copy; False: save_/restore_ do it
 
     def __init__(self, rho: float | None = None) -> None:
         rho = self.default_rho if rho is None else rho
@@ -52,6 +65,12 @@ class Variant(ABC):
                 f"pass rho=None for the default ({self.default_rho})."
             )
         self.rho = float(rho)
+        self.all_reduce_sum_: Callable[[Tensor], Tensor] = _local_only
+        self.refresh_seconds = 0.0  # wall time of refresh work (masks, statistics) since it was last reported
+
+    def set_all_reduce(self, all_reduce_sum_: Callable[[Tensor], Tensor]) -> None:
+        """The in-place SUM over ranks that refreshes use so that every rank derives the same state (DDP)."""
+        self.all_reduce_sum_ = all_reduce_sum_
 
     # ----------------------------------------------------------------- the rule
     @abstractmethod
@@ -69,6 +88,42 @@ class Variant(ABC):
     def needs_second_pass(self, step_index: int) -> bool:
         """Whether optimizer step ``step_index`` (0-based) runs the ascent and pass 2. Always, by default."""
         return True
+
+    # ----------------------------------------------------------------- mechanics a variant may override
+    def bind(self, names: list[str], params: list[Tensor]) -> None:
+        """Called once by the engine with every parameter it manages (names key the variant's state)."""
+        return None
+
+    @classmethod
+    def trainer_defaults(cls, options: dict[str, Any], steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
+        """Options the Lightning adapters fill in from the Trainer when the user did not give them."""
+        return {}
+
+    def save_(self, step: StepTensors) -> None:
+        """Before the first ascent of a step: keep what :meth:`restore_` copies back. Dense copy by default."""
+        torch._foreach_copy_(step.saved, step.params)
+
+    def apply_(self, step: StepTensors) -> Tensor:
+        """Add the perturbation ``e`` (already in ``step.grads``) to the weights; return ``||e||`` (fp32)."""
+        norm = global_norm(step.grads)
+        torch._foreach_add_(step.params, step.grads)
+        return norm
+
+    def restore_(self, step: StepTensors) -> None:
+        """Copy the saved weights back, bit-exactly."""
+        torch._foreach_copy_(step.params, step.saved)
+
+    def samples_needed(self, step_index: int) -> int:
+        """How many training samples the variant still wants this step (SSAM's Fisher); 0 for none."""
+        return 0
+
+    def add_squared_gradients_(self, squared: list[Tensor], count: int, step_index: int) -> None:
+        """Receive the sum over ``count`` samples of squared per-sample gradients (one tensor per parameter)."""
+        return None
+
+    def metrics(self) -> dict[str, Tensor]:
+        """Extra values to log (e.g. mask density), as tensors; empty by default."""
+        return {}
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,158 @@
+"""F-SAM, Friendly SAM (Li et al., CVPR 2024).
+
+Remove the estimate of the full-batch gradient (an EMA ``m`` of past minibatch gradients) from the ascent
+direction and keep the batch-specific noise. Per element, per trained tensor, at ascent ``t = 1, 2, ...``::
+
+    t == 1:  m = g;            d = g                          (the first step is plain SAM)
+    t > 1:   d = g - sigma * m;  m = lmbda * m + (1 - lmbda) * g   (d uses m before the update; m averages raw g)
+    e = rho * d / (||d|| + eps)                               descent gradient = g_adv
+
+``adaptive=True`` scales ``d`` as ASAM does with ``eta = 0``: ``e = rho * w^2 * d / (||w * d|| + eps)``.
+Defaults: ``rho = 0.05``, ``sigma = 1.0``, ``lmbda = 0.9``, ``adaptive = False``.
+
+State: ``m`` per trained tensor, in fp32 whatever the parameter dtype, keyed by parameter name, and the number
+of ascents done. ``m`` is only updated when the engine asks for a direction (a step skipped because pass 1 was
+not finite leaves it untouched). A tensor seen for the first time after step 1 (e.g. unfrozen) starts with
+``m = g``, ``d = g`` for that tensor; a tensor that has no gradient in a step keeps its ``m`` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sam.tensor_ops import global_norm
+from lightning_sam.variants.base import StepTensors, Variant
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class FSAM(Variant):
+    """Friendly SAM: ascend along ``d = g - sigma * m``, ``m`` an EMA of the pass-1 gradients.
+
+    Args:
+        rho: neighbourhood radius (default 0.05; the official CIFAR-100 recipe uses 0.2).
+        sigma: how much of the EMA (the full-gradient estimate) is removed from ``g`` (default 1.0, >= 0).
+        lmbda: EMA decay, in ``[0, 1)`` (default 0.9).
+        adaptive: ASAM's scaling with ``eta = 0`` on ``d``: ``e = rho * w^2 * d / (||w * d|| + eps)``.
+
+    Memory: one fp32 buffer the size of the trained parameters (``m``), allocated once per tensor when it first
+    takes part. The per-step work allocates nothing parameter-sized: the weights serve as scratch for the raw
+    gradient (they equal the engine's saved copy at the ascent and are copied back from it bit-exactly).
+    """
+
+    name = "fsam"
+    default_rho = 0.05
+
+    def __init__(
+        self, rho: float | None = None, sigma: float = 1.0, lmbda: float = 0.9, adaptive: bool = False
+    ) -> None:
+        super().__init__(rho)
+        if not _is_number(sigma) or sigma < 0:
+            raise ValueError(f"fsam: sigma must be a finite number >= 0, got {sigma!r} (default 1.0)")
+        if not _is_number(lmbda) or not 0 <= lmbda < 1:
+            raise ValueError(f"fsam: lmbda must be a finite number in [0, 1), got {lmbda!r} (default 0.9)")
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"fsam: adaptive must be True or False, got {adaptive!r} (default False)")
+        self.sigma = float(sigma)
+        self.lmbda = float(lmbda)
+        self.adaptive = adaptive
+        self.steps = 0  # ascents done (t - 1 during an ascent)
+        self._ema: dict[str, Tensor] = {}  # name -> m (fp32, on the parameter's device)
+        self._loaded: dict[str, Tensor] = {}  # name -> m from load_state_dict, not yet moved to its device
+        self._cache_names: list[str] | None = None
+        self._cache_ready: list[int] = []
+        self._cache_ema: list[Tensor] = []
+
+    # ----------------------------------------------------------------- the rule
+    def direction_(self, step: StepTensors) -> Tensor:
+        if getattr(step, "ascent", 0):
+            raise RuntimeError("fsam is a single-step rule: the EMA takes one pass-1 gradient per step")
+        names, params, grads, saved = step.names, step.params, step.grads, step.saved
+        if len(saved) != len(params):
+            raise RuntimeError("fsam needs the engine's saved copy of every weight (dense_save)")
+        with torch.no_grad():
+            if step.names is not self._cache_names:
+                self._rebuild_cache(names, grads)
+            ready, ema = self._cache_ready, self._cache_ema
+            if ready:
+                all_ready = len(ready) == len(grads)
+                g = grads if all_ready else [grads[i] for i in ready]
+                w = params if all_ready else [params[i] for i in ready]
+                w0 = saved if all_ready else [saved[i] for i in ready]
+                # The weights hold the raw g while the gradients become d (same dtype and device: exact copy).
+                torch._foreach_copy_(w, g)
+                torch._foreach_add_(g, ema, alpha=-self.sigma)  # d = g - sigma * m (m before the update)
+                torch._foreach_mul_(ema, self.lmbda)
+                torch._foreach_add_(ema, w, alpha=1.0 - self.lmbda)  # m = lmbda * m + (1 - lmbda) * g
+                torch._foreach_copy_(w, w0)  # the weights are w again, bit-exactly
+            if len(ready) != len(grads):
+                # first appearance of a tensor (all of them at t == 1): m = g, d = g
+                fresh = set(ready)
+                for i, name in enumerate(names):
+                    if i not in fresh:
+                        self._ema[name] = grads[i].detach().to(dtype=torch.float32, copy=True)
+                self._cache_names = None  # they are ready from the next step on
+            if self.adaptive:
+                torch._foreach_mul_(grads, saved)  # w * d (||w * d|| = || |w| * d ||)
+                denominator = global_norm(grads)
+                torch._foreach_mul_(grads, saved)  # w^2 * d
+            else:
+                denominator = global_norm(grads)
+        self.steps += 1
+        return denominator
+
+    def _rebuild_cache(self, names: list[str], grads: list[Tensor]) -> None:
+        """Which of this step's tensors already have an EMA, and those EMAs in step order (on their device)."""
+        ready, ema = [], []
+        for i, (name, grad) in enumerate(zip(names, grads)):
+            m = self._ema.get(name, self._loaded.get(name))
+            if m is None:
+                continue
+            if m.shape != grad.shape:
+                raise ValueError(
+                    f"fsam: the EMA of {name!r} has shape {tuple(m.shape)} but its gradient {tuple(grad.shape)}; "
+                    "was this state saved for another model?"
+                )
+            if name not in self._ema:  # loaded: take our own fp32 copy, on the parameter's device
+                m = self._loaded.pop(name).detach().to(device=grad.device, dtype=torch.float32, copy=True)
+            elif m.device != grad.device:
+                m = m.to(device=grad.device)
+            self._ema[name] = m
+            ready.append(i)
+            ema.append(m)
+        self._cache_names, self._cache_ready, self._cache_ema = names, ready, ema
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """``{"step": ascents done, "ema": {name: m}}``; ``m`` are the live fp32 tensors (no copy), as
+        ``torch.optim.Optimizer.state_dict`` does: clone them to keep a snapshot."""
+        ema = dict(self._loaded)
+        ema.update(self._ema)
+        return {"step": self.steps, "ema": ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. The tensors are copied to the parameter's device (fp32) when first used."""
+        if not state:
+            self.steps, self._ema, self._loaded, self._cache_names = 0, {}, {}, None
+            return
+        unknown = sorted(set(state) - {"step", "ema"})
+        if unknown or "ema" not in state or "step" not in state:
+            raise ValueError(f"fsam: expected state keys ['ema', 'step'], got {sorted(state)}")
+        ema = state["ema"]
+        if not isinstance(ema, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in ema.items()):
+            raise ValueError("fsam: state['ema'] must map parameter names to tensors")
+        # Kept as given; each is copied to its parameter's device (fp32) when the parameter first takes part, so
+        # the caller's tensors are never updated in place and no second copy is made on the wrong device.
+        self._loaded = dict(ema)
+        self._ema = {}
+        self.steps = int(state["step"])
+        self._cache_names = None
+
+    def extra_repr(self) -> str:
+        return f"rho={self.rho}, sigma={self.sigma}, lmbda={self.lmbda}, adaptive={self.adaptive}"

@@ -1,0 +1,332 @@
+"""SSAM, sparse SAM (Mi et al., 2022; journal extension 2023): perturb only a chosen fraction of coordinates.
+
+With a 0/1 mask ``M`` over all trained coordinates and ``sparsity = s`` the fraction NOT perturbed::
+
+    e = rho * (g * M) / (||g|| + eps)        the norm over ALL coordinates of g, the mask applied after it
+    descent gradient = g_adv                 (so ||e|| <= rho)
+
+Masks (``mask=``): ``"fisher"`` (SSAM-F, default), the top coordinates of the empirical Fisher
+``F = sum_i (grad l_i)^2`` over ``num_samples`` training samples taken from the batches the adapter already
+receives; ``"dst"`` (SSAM-D), a random start at exact density refreshed by dropping the live coordinates with the
+smallest ``|g|`` and regrowing as many among the dead ones at random, with the cosine-decayed drop fraction
+``r = drop_rate * (1 + cos(pi * t / T)) / 2``. Patterns (``pattern=``): ``"unstructured"`` (global top-k),
+``"structured"`` (whole tensors by mean score), ``"n:m"`` (``n`` of every ``m`` inputs). Masks are refreshed every
+``mask_every`` optimizer steps. Until the first Fisher mask exists a step is a plain optimizer step on ``g`` (no
+pass 2). ``sparsity = 0`` is SAM exactly, from the first step.
+
+Only the kept coordinates are saved, perturbed and restored (flat indices computed at a refresh, then
+``index_select`` / ``index_add_`` / ``index_put_`` with static shapes: no host sync per step), so the extra memory
+falls with the sparsity. Defaults: ``rho = 0.05``, ``sparsity = 0.5``, ``num_samples = 128``,
+``fisher_batch_size = 1``, ``mask_every = 100`` steps (the callback: one epoch for fisher, five for dst),
+``drop_rate = 0.5``, ``n, m = 2, 4``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sam.tensor_ops import global_norm
+from lightning_sam.variants import ssam_masks as masks
+from lightning_sam.variants.base import StepTensors, Variant
+
+MASKS = ("fisher", "dst")
+PATTERNS = ("unstructured", "structured", "n:m")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"ssam: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class SSAM(Variant):
+    """Sparse SAM: ``e = rho * (g * M) / (||g|| + eps)`` with a Fisher or DST mask ``M``; see the module docstring.
+
+    Args:
+        rho: neighbourhood radius (default 0.05).
+        sparsity: fraction of coordinates NOT perturbed, in ``[0, 1)`` (default 0.5; ignored by ``"n:m"``).
+        mask: ``"fisher"`` (default) or ``"dst"``.
+        pattern: ``"unstructured"`` (default), ``"structured"`` or ``"n:m"`` (``dst`` takes ``"unstructured"`` only).
+        n, m: the N:M pattern, ``1 <= n < m`` (default 2 of 4).
+        num_samples: training samples per Fisher mask (default 128).
+        fisher_batch_size: samples per Fisher micro-batch (default 1: exact per-sample gradients).
+        mask_every: optimizer steps between refreshes (``None``: 100 in ``SAMEngine``; the callback uses one
+            epoch for ``fisher`` and five for ``dst``).
+        drop_rate: DST's initial drop fraction, in ``[0, 1]`` (default 0.5).
+        seed: seeds DST's random start and regrowth (identical on every rank).
+        total_steps: ``T`` of DST's cosine schedule (the callback fills it in from the Trainer).
+    """
+
+    name = "ssam"
+    default_rho = 0.05
+    dense_save = False
+
+    def __init__(
+        self,
+        rho: float | None = None,
+        sparsity: float = 0.5,
+        mask: str = "fisher",
+        pattern: str = "unstructured",
+        n: int = 2,
+        m: int = 4,
+        num_samples: int = 128,
+        fisher_batch_size: int = 1,
+        mask_every: int | None = None,
+        drop_rate: float = 0.5,
+        seed: int = 0,
+        total_steps: int | None = None,
+    ) -> None:
+        super().__init__(rho)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"ssam: sparsity (the fraction NOT perturbed) must be in [0, 1), got {sparsity!r}")
+        if mask not in MASKS:
+            raise ValueError(f"ssam: unknown mask {mask!r}; choose one of {MASKS}")
+        if pattern not in PATTERNS:
+            raise ValueError(f"ssam: unknown pattern {pattern!r}; choose one of {PATTERNS}")
+        if mask == "dst" and pattern != "unstructured":
+            raise ValueError("ssam: mask='dst' takes pattern='unstructured' only; use mask='fisher' for other patterns")
+        _check_int("n", n, 1)
+        _check_int("m", m, 2)
+        if n >= m:
+            raise ValueError(f"ssam: the N:M pattern needs 1 <= n < m, got n={n}, m={m}")
+        _check_int("num_samples", num_samples, 1)
+        _check_int("fisher_batch_size", fisher_batch_size, 1)
+        if mask_every is not None:
+            _check_int("mask_every", mask_every, 1)
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate <= 1:
+            raise ValueError(f"ssam: drop_rate must be in [0, 1], got {drop_rate!r}")
+        _check_int("seed", seed, 0)
+        if total_steps is not None:
+            _check_int("total_steps", total_steps, 1)
+        self.sparsity = float(sparsity)
+        self.mask = mask
+        self.pattern = pattern
+        self.n, self.m = n, m
+        self.num_samples = num_samples
+        self.fisher_batch_size = fisher_batch_size
+        self.mask_every = mask_every if mask_every is not None else 100
+        self.drop_rate = float(drop_rate)
+        self.seed = seed
+        self.total_steps = total_steps
+        # state
+        self._names: list[str] = []
+        self._params: list[Tensor] = []
+        self._kept: masks.Mask | None = None  # per parameter: sorted int64 CPU indices, or None = whole tensor
+        self._fisher: list[Tensor] | None = None
+        self._fisher_count = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._last_change: Tensor | None = None
+        self.fully_perturbed: list[str] = []  # N:M: tensors that cannot take the pattern, perturbed whole
+        # per-step buffers, rebuilt at a refresh
+        self._device_index: dict[str, Tensor | None] = {}
+        self._saved: dict[str, Tensor] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    @classmethod
+    def trainer_defaults(cls, options: dict[str, Any], steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
+        epochs = 5 if options.get("mask", "fisher") == "dst" else 1
+        return {"mask_every": max(1, steps_per_epoch * epochs), "total_steps": max(1, total_steps)}
+
+    # ------------------------------------------------------------------ setup
+    def bind(self, names: list[str], params: list[Tensor]) -> None:
+        self._names, self._params = list(names), list(params)
+        if self.pattern == "n:m":
+            whole = [n for n, p in zip(names, params) if not masks.n_of_m_eligible(p.shape, self.m)]
+            if len(whole) == len(names):
+                raise ValueError(
+                    f"ssam: no trained tensor can take the {self.n}:{self.m} pattern (it needs at least 2-D tensors "
+                    f"whose input size is divisible by m={self.m}); choose another pattern or m"
+                )
+            self.fully_perturbed = whole  # reported once by the adapters
+        if self.mask == "dst" and self.total_steps is None:
+            raise ValueError("ssam: mask='dst' needs total_steps=... for its cosine schedule (SAMCallback sets it)")
+        if self.sparsity == 0 and self.pattern != "n:m":
+            self._set_mask([None] * len(params))
+        elif self.mask == "dst" and self._kept is None:
+            self._set_mask(masks.dst_initial([p.numel() for p in params], 1 - self.sparsity, self._generator))
+
+    # ------------------------------------------------------------------ the rule
+    def needs_second_pass(self, step_index: int) -> bool:
+        return self._kept is not None
+
+    def direction_(self, step: StepTensors) -> Tensor:
+        return global_norm(step.grads)  # u = g; the mask is applied in apply_
+
+    def save_(self, step: StepTensors) -> None:
+        # A DST refresh changes the kept set (and its buffers), so it runs here, before anything is saved.
+        if self.mask == "dst" and self.sparsity > 0 and step.step > 0 and step.step % self.mask_every == 0:
+            self._refresh_dst(step)
+        for name, p in zip(step.names, step.params):
+            index, saved = self._device_index[name], self._saved[name]
+            if index is None:
+                saved.copy_(p)
+            elif index.numel():
+                torch.index_select(p.reshape(-1), 0, index, out=saved)
+
+    def apply_(self, step: StepTensors) -> Tensor:
+        squares = []
+        for name, p, e in zip(step.names, step.params, step.grads):
+            index = self._device_index[name]
+            if index is None:
+                p.add_(e)
+                squares.append(e.float().pow(2).sum())
+            elif index.numel():
+                if e.dtype == p.dtype:
+                    kept = self._scratch[(p.device, p.dtype)][: index.numel()]
+                    torch.index_select(e.reshape(-1), 0, index, out=kept)
+                else:  # gradients in another dtype than the weights: rare, pays a small allocation
+                    kept = e.reshape(-1).index_select(0, index).to(p.dtype)
+                p.reshape(-1).index_add_(0, index, kept)
+                squares.append(kept.float().pow(2).sum())
+        if not squares:
+            return torch.zeros((), device=step.params[0].device)
+        device = squares[0].device
+        return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+
+    def restore_(self, step: StepTensors) -> None:
+        for name, p in zip(step.names, step.params):
+            index, saved = self._device_index[name], self._saved[name]
+            if index is None:
+                p.copy_(saved)
+            elif index.numel():
+                p.reshape(-1).index_put_((index,), saved)
+
+    # ------------------------------------------------------------------ Fisher
+    def samples_needed(self, step_index: int) -> int:
+        if self.mask != "fisher" or (self.sparsity == 0 and self.pattern != "n:m"):
+            return 0
+        if self._fisher is None and step_index % self.mask_every != 0:
+            return 0
+        return self.num_samples - self._fisher_count
+
+    def add_squared_gradients_(self, squared: list[Tensor], count: int, step_index: int) -> None:
+        if count <= 0:
+            return
+        if self._fisher is None:
+            self._fisher = [s.detach().clone() for s in squared]
+        else:
+            torch._foreach_add_(self._fisher, squared)
+        self._fisher_count += count
+        if self._fisher_count >= self.num_samples:
+            fisher, self._fisher, self._fisher_count = self._fisher, None, 0
+            self._refresh_from_scores(self._reduce(fisher))
+
+    # ------------------------------------------------------------------ refreshes
+    def _reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        """SUM over ranks (identity on one process), through one flat buffer."""
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        self.all_reduce_sum_(flat)
+        return list(torch.split(flat, [t.numel() for t in tensors]))
+
+    def _refresh_from_scores(self, scores: list[Tensor]) -> None:
+        started = time.perf_counter()
+        shaped = [s.reshape(p.shape) for s, p in zip(scores, self._params)]
+        keep = 1 - self.sparsity
+        if self.pattern == "unstructured":
+            new = masks.unstructured(shaped, keep)
+        elif self.pattern == "structured":
+            new = masks.structured(shaped, keep)
+        else:
+            new = masks.n_of_m(shaped, self.n, self.m)
+        self._set_mask(new)
+        self.refresh_seconds += time.perf_counter() - started
+
+    def _refresh_dst(self, step: StepTensors) -> None:
+        assert self._kept is not None and self.total_steps is not None
+        started = time.perf_counter()
+        by_name = dict(zip(step.names, step.grads))
+        grads = [
+            by_name[name].detach().float() if name in by_name else torch.zeros(p.shape, device=p.device)
+            for name, p in zip(self._names, self._params)
+        ]
+        world_mean = self._reduce(grads)
+        fraction = self.drop_rate * 0.5 * (1 + math.cos(math.pi * step.step / self.total_steps))
+        self._set_mask(masks.dst_update(self._kept, [g.abs() for g in world_mean], fraction, self._generator))
+        self.refresh_seconds += time.perf_counter() - started
+
+    def _set_mask(self, new: masks.Mask) -> None:
+        new = [None if kept is None else kept.cpu().long() for kept in new]
+        sizes = [p.numel() for p in self._params]
+        if self._kept is not None:
+            old = masks.to_global(self._kept, sizes, torch.device("cpu"))
+            fresh = masks.to_global(new, sizes, torch.device("cpu"))
+            changed = fresh.numel() - torch.isin(fresh, old).sum().item()
+            self._last_change = torch.tensor(changed / max(1, fresh.numel()))
+        self._kept = new
+        self._device_index, self._saved, scratch_sizes = {}, {}, {}
+        for name, p, kept in zip(self._names, self._params, new):
+            if kept is None:
+                self._device_index[name] = None
+                self._saved[name] = torch.empty_like(p)
+            else:
+                index_dtype = torch.int32 if p.numel() < 2**31 else torch.long  # int32 halves the index memory
+                self._device_index[name] = kept.to(device=p.device, dtype=index_dtype)
+                self._saved[name] = torch.empty(kept.numel(), dtype=p.dtype, device=p.device)
+                key = (p.device, p.dtype)
+                scratch_sizes[key] = max(scratch_sizes.get(key, 0), kept.numel())
+        self._scratch = {key: torch.empty(size, dtype=key[1], device=key[0]) for key, size in scratch_sizes.items()}
+
+    # ------------------------------------------------------------------ reporting and state
+    def kept_count(self) -> int:
+        """Number of perturbed coordinates (0 before the first mask)."""
+        if self._kept is None:
+            return 0
+        return sum(p.numel() if k is None else k.numel() for p, k in zip(self._params, self._kept))
+
+    def dense_masks(self) -> dict[str, Tensor] | None:
+        """The current mask as bool tensors keyed by parameter name (for inspection and tests)."""
+        if self._kept is None:
+            return None
+        result = {}
+        for name, p, kept in zip(self._names, self._params, self._kept):
+            dense = torch.zeros(p.numel(), dtype=torch.bool)
+            dense[slice(None) if kept is None else kept] = True
+            result[name] = dense.reshape(p.shape)
+        return result
+
+    def metrics(self) -> dict[str, Tensor]:
+        if self._kept is None:
+            return {}
+        total = sum(p.numel() for p in self._params)
+        values = {"sam/mask_density": torch.tensor(self.kept_count() / total)}
+        if self._last_change is not None:  # a refresh completed since the last report
+            values["sam/mask_change"] = self._last_change
+            values["sam/mask_refresh_seconds"] = torch.tensor(self.refresh_seconds)
+            self._last_change = None
+            self.refresh_seconds = 0.0
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"generator": self._generator.get_state(), "fisher_count": self._fisher_count}
+        if self._kept is not None:
+            state["kept"] = {
+                name: None if kept is None else kept.to(torch.int32 if p.numel() < 2**31 else torch.long)
+                for name, p, kept in zip(self._names, self._params, self._kept)
+            }
+        if self._fisher is not None:
+            state["fisher"] = {name: f.detach().cpu() for name, f in zip(self._names, self._fisher)}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._generator.set_state(state["generator"])
+        self._fisher_count = int(state.get("fisher_count", 0))
+        if "fisher" in state:
+            self._fisher = [state["fisher"][name].to(p.device) for name, p in zip(self._names, self._params)]
+        else:
+            self._fisher = None
+        if "kept" in state:
+            kept = [None if state["kept"][n] is None else state["kept"][n].long() for n in self._names]
+            self._kept = None
+            self._set_mask(kept)
+            self._last_change = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"rho={self.rho}, sparsity={self.sparsity}, mask={self.mask!r}, pattern={self.pattern!r}, "
+            f"n={self.n}, m={self.m}, mask_every={self.mask_every}"
+        )
