@@ -61,6 +61,24 @@ def grad_scaler_of(trainer: Trainer) -> torch.amp.GradScaler | None:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
+def trainer_defaults(trainer: Trainer, variant: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Variant options derived from the Trainer (e.g. SSAM's refresh period), when the variant wants any."""
+    variant_cls = variant_class(variant)
+    if variant_cls.trainer_defaults.__func__ is Variant.trainer_defaults.__func__:  # type: ignore[attr-defined]
+        return {}
+    total = trainer.estimated_stepping_batches  # loads the train dataloader if needed
+    batches = trainer.num_training_batches
+    if not math.isfinite(total) or not math.isfinite(batches):
+        if set(variant_cls.trainer_defaults(options, 1, 1)) <= set(options):
+            return {}  # the user gave every option in steps
+        raise RuntimeError(
+            f"variant {variant!r} derives its schedule from the epoch length, but the train dataloader has no "
+            "length: pass the options in steps explicitly (e.g. mask_every=..., total_steps=...)."
+        )
+    steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    return variant_cls.trainer_defaults(options, steps_per_epoch, int(total))
+
+
 def log_metrics(pl_module: LightningModule, values: dict[str, Tensor]) -> None:
     """Log tensors through Lightning without a host sync: per step, plus epoch means on a single process.
 
@@ -160,7 +178,7 @@ class SAMCallback(Callback):
                 f"SAMCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Put all parameters in "
                 "one optimizer (param groups may carry their own 'sam_rho' or 'sam_exclude=True')."
             )
-        options = {**self._trainer_defaults(trainer), **self.variant_options}
+        options = {**trainer_defaults(trainer, self.variant, self.variant_options), **self.variant_options}
         self.engine = SAMEngine.from_optimizer(trainer.optimizers[0], pl_module, self.variant, self.rho, **options)
         self.engine.set_all_reduce(all_reduce_sum_)
         if self._pending_state:
@@ -171,23 +189,6 @@ class SAMCallback(Callback):
             rank_zero_info(f"SAMCallback: these tensors cannot take the N:M pattern and are perturbed whole: {whole}")
         self._guard = SecondPassGuard(pl_module)
         self._window = []
-
-    def _trainer_defaults(self, trainer: Trainer) -> dict[str, Any]:
-        """Variant options derived from the Trainer (e.g. SSAM's refresh period), when the variant wants any."""
-        variant_cls = variant_class(self.variant)
-        if variant_cls.trainer_defaults.__func__ is Variant.trainer_defaults.__func__:  # type: ignore[attr-defined]
-            return {}
-        total = trainer.estimated_stepping_batches  # loads the train dataloader if needed
-        batches = trainer.num_training_batches
-        if not math.isfinite(total) or not math.isfinite(batches):
-            if set(variant_cls.trainer_defaults(self.variant_options, 1, 1)) <= set(self.variant_options):
-                return {}  # the user gave every option in steps
-            raise RuntimeError(
-                f"SAMCallback({self.variant!r}) derives its schedule from the epoch length, but the train dataloader "
-                "has no length: pass the options in steps explicitly (e.g. mask_every=..., total_steps=...)."
-            )
-        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-        return variant_cls.trainer_defaults(self.variant_options, steps_per_epoch, int(total))
 
     # ------------------------------------------------------------------ pass 1
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

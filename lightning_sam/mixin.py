@@ -27,10 +27,12 @@ import torch
 from torch import Tensor
 
 from lightning_sam import amp
-from lightning_sam.callback import _optimizer_grads, grad_scaler_of, log_metrics
+from lightning_sam.batches import batchnorm_in_eval
+from lightning_sam.callback import _optimizer_grads, grad_scaler_of, log_metrics, trainer_defaults
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.distributed import (
     all_reduce_max_,
+    all_reduce_sum_,
     check_static_graph,
     check_strategy,
     set_gradient_sync,
@@ -113,13 +115,12 @@ class SAMMixin:
                 check_static_graph(trainer)
         if self._sam_guard is None:
             self._sam_guard = SecondPassGuard(self)  # type: ignore[arg-type]
-        return SAMEngine.from_optimizer(
-            raw,
-            self,  # type: ignore[arg-type]
-            config["variant"],
-            config["rho"],
-            **config["options"],
-        )
+        options = dict(config["options"])
+        if trainer is not None:
+            options = {**trainer_defaults(trainer, config["variant"], options), **options}
+        engine = SAMEngine.from_optimizer(raw, self, config["variant"], config["rho"], **options)  # type: ignore[arg-type]
+        engine.set_all_reduce(all_reduce_sum_)
+        return engine
 
     # Variant state travels in the checkpoint under this key, one entry per optimizer index. A subclass that
     # overrides these hooks must call super() (they are cooperative, like every LightningModule hook).
@@ -138,13 +139,23 @@ class SAMMixin:
             self._sam_engines = {}
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
-    def sam_step(self, loss_fn: Callable[[], Tensor], optimizer: Any | None = None) -> Tensor:
+    def sam_step(
+        self,
+        loss_fn: Callable[[], Tensor],
+        optimizer: Any | None = None,
+        *,
+        sample_loss_fn: Callable[[int, int], Tensor] | None = None,
+        batch_size: int | None = None,
+    ) -> Tensor:
         """One whole SAM step: pass 1, ascent, pass 2, restore, clipping, ``optimizer.step()``, ``zero_grad()``.
 
         Args:
             loss_fn: computes the module's loss on the current batch (forward only; called twice).
             optimizer: defaults to ``self.optimizers()`` (there must be one then). With several optimizers, pass
                 the one to step; each gets its own engine (and variant state).
+            sample_loss_fn, batch_size: for variants that need per-sample gradients (SSAM's Fisher mask):
+                ``sample_loss_fn(i, j)`` returns the loss of samples ``i:j`` of the current batch, which has
+                ``batch_size`` samples. It runs with BatchNorm on running statistics and no visible side effects.
 
         Returns:
             The pass-1 loss, detached.
@@ -154,6 +165,16 @@ class SAMMixin:
             if isinstance(optimizer, list):
                 raise RuntimeError("sam_step: the module has several optimizers; pass optimizer=... explicitly")
         engine = self._sam_engine_for(optimizer)
+        if engine.samples_needed():
+            if sample_loss_fn is None or batch_size is None:
+                raise RuntimeError(
+                    f"variant {engine.variant.name!r} needs per-sample gradients this step (SSAM's Fisher mask): "
+                    "call self.sam_step(loss_fn, sample_loss_fn=lambda i, j: <loss of samples i:j>, "
+                    "batch_size=<samples in the batch>), or use SSAM with mask='dst'."
+                )
+            assert self._sam_guard is not None
+            with self._sam_guard.active(), batchnorm_in_eval(self):  # type: ignore[arg-type]
+                engine.collect_samples(sample_loss_fn, batch_size)
         config = self._sam_config
         trainer = self.trainer  # type: ignore[attr-defined]
         raw = getattr(optimizer, "optimizer", optimizer)
@@ -186,9 +207,10 @@ class SAMMixin:
             if perturbation_norm is not None:
                 sharpness = loss2.detach().float() - loss1.detach().float()
                 metrics = {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm}
-                log_metrics(self, metrics)  # type: ignore[arg-type]
+                log_metrics(self, {**metrics, **engine.variant.metrics()})  # type: ignore[arg-type]
         else:
             engine.plain_step()
+            log_metrics(self, engine.variant.metrics())  # type: ignore[arg-type]
         if config["clip_val"] is not None:
             # under GradScaler the descent gradient is still scaled here (Lightning unscales inside step)
             scale = scaler._scale if scaler is not None else None

@@ -294,3 +294,37 @@ def test_no_tensor_fitting_n_of_m_raises_at_setup():
         SAMEngine(net.named_parameters(), "ssam", pattern="n:m")
     with pytest.raises(ValueError, match="total_steps"):
         SAMEngine(net.named_parameters(), "ssam", mask="dst")
+
+
+def test_mixin_with_fisher_mask_matches_reference():
+    from lightning_sam import SAMMixin
+
+    class ManualSSAM(SAMMixin, Classifier):
+        def __init__(self, net, **options):
+            super().__init__(net)
+            self.automatic_optimization = False
+            self.configure_sam("ssam", rho=0.05, **options)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.sam_step(
+                lambda: F.cross_entropy(self(x), y),
+                sample_loss_fn=lambda i, j: F.cross_entropy(self(x[i:j]), y[i:j]),
+                batch_size=x.shape[0],
+            )
+
+    options = {**CONFIGS["fisher-unstructured"], **SCHEDULE}
+    loader = fixed_loader(n=128, batch_size=16)
+    net = make_mlp()
+    expected, _ = reference_run(net, list(loader), options)
+    module = ManualSSAM(copy.deepcopy(net), **options)
+    quiet_trainer(max_epochs=1).fit(module, loader)
+    assert_close_nets(module.net, expected)
+
+    class Forgetful(ManualSSAM):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.sam_step(lambda: F.cross_entropy(self(x), y))
+
+    with pytest.raises(RuntimeError, match="sample_loss_fn"):
+        quiet_trainer(max_steps=1).fit(Forgetful(make_mlp()), loader)
