@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam.tensor_ops import group_by_device
+from lightning_sam.tensor_ops import group_by_device, non_finite_flag
 
 
 def handles_unscaling(optimizer: Optimizer) -> bool:
@@ -98,3 +98,12 @@ def poison_(grads: Sequence[Tensor]) -> None:
     """
     if grads:
         torch._foreach_mul_(list(grads), float("nan"))
+
+
+def step_will_be_skipped(scaler: torch.amp.GradScaler, optimizer: Optimizer, grads: Sequence[Tensor]) -> Tensor:
+    """0-dim fp32: 1.0 if GradScaler will skip this optimizer step (no host sync)."""
+    if not handles_unscaling(optimizer):
+        registered = registered_found_inf(scaler, optimizer)
+        if registered is not None:
+            return registered.float()
+    return non_finite_flag(grads) if grads else torch.zeros(())

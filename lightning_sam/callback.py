@@ -244,13 +244,14 @@ class SAMCallback(Callback):
         assert engine is not None and self._guard is not None
         if not window or self._loss1 is None:
             return  # training_step returned None: Lightning ran no backward, no SAM this step
+        scaler = grad_scaler_of(trainer)
         if not self._second_pass_planned:
             engine.plain_step()
-            log_metrics(pl_module, engine.variant.metrics())
+            self._before_step(trainer, pl_module, optimizer, scaler)
             return
-        scaler = grad_scaler_of(trainer)
         if scaler is not None and self._pass1_overflowed(scaler, optimizer):
             engine.plain_step()  # GradScaler skips this step and lowers the scale once
+            self._before_step(trainer, pl_module, optimizer, scaler)
             return
         perturbation_norm = engine.ascend()
         if perturbation_norm is None:
@@ -266,7 +267,19 @@ class SAMCallback(Callback):
             engine.restore()
             self._in_second_pass = False
             set_gradient_sync(trainer, True)
+        self._before_step(trainer, pl_module, optimizer, scaler)
         self._log(pl_module, scaler, perturbation_norm)
+
+    def _before_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer, scaler: torch.amp.GradScaler | None
+    ) -> None:
+        """The variant's pre-step hook (BAR) and its metrics, on Lightning's logging cadence."""
+        assert self.engine is not None
+        if self.engine.has_before_step:
+            skip = amp.step_will_be_skipped(scaler, optimizer, _optimizer_grads(optimizer)) if scaler else None
+            self.engine.before_optimizer_step(optimizer, skip)
+        if getattr(trainer._logger_connector, "should_update_logs", True):
+            log_metrics(pl_module, self.engine.variant.metrics())
 
     def _pass1_overflowed(self, scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
         """Whether pass 1 had an inf/NaN on any rank (one host sync; GradScaler syncs here anyway)."""
@@ -315,8 +328,7 @@ class SAMCallback(Callback):
         sharpness = self._loss2.float() - self._loss1.float()
         if scaler is not None:  # the losses seen by on_before_backward were scaled
             sharpness = sharpness * amp.inverse_scale(scaler).to(sharpness.device)
-        values = {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm}
-        log_metrics(pl_module, {**values, **self.engine.variant.metrics()})  # type: ignore[union-attr]
+        log_metrics(pl_module, {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm})
 
     # ------------------------------------------------------------------ safety nets
     def _restore(self) -> None:

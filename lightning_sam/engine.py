@@ -242,6 +242,23 @@ class SAMEngine:
         self.variant.add_squared_gradients_(sums, wanted, self.step_count)
         return wanted
 
+    @property
+    def has_before_step(self) -> bool:
+        """Whether the variant acts right before the optimizer step (see :meth:`before_optimizer_step`)."""
+        return type(self.variant).before_optimizer_step_ is not Variant.before_optimizer_step_
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, skip: Tensor | None = None) -> None:
+        """Call right before ``optimizer.step()``, after :meth:`descend` or :meth:`plain_step` counted the step.
+
+        Hands the variant each parameter's current learning rate (from ``optimizer.param_groups``) and ``skip``
+        (a 0-dim tensor, 1.0 when the step will be skipped: no host sync). A no-op for variants without the hook.
+        """
+        if not self.has_before_step:
+            return
+        by_id = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        rates = {name: by_id[id(p)] for name, p in zip(self.names, self.params) if id(p) in by_id}
+        self.variant.before_optimizer_step_(self.step_count - 1, rates, skip)
+
     def set_all_reduce(self, all_reduce_sum_: Callable[[Tensor], Tensor]) -> None:
         """Give the variant an in-place SUM over ranks (DDP) for state every rank must agree on."""
         self.variant.set_all_reduce(all_reduce_sum_)
@@ -260,25 +277,27 @@ class SAMEngine:
         self._perturbed = False
         self._active = None
 
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """Run one whole SAM step of the variant except ``optimizer.step()``, which the caller runs after.
+    def step(self, closure: Callable[[], Tensor], optimizer: torch.optim.Optimizer | None = None) -> Tensor:
+        """Run one whole step of the variant; with ``optimizer``, also its pre-step hook and ``optimizer.step()``.
 
         ``closure`` must zero the gradients, compute the loss, call ``backward`` and return the loss. It is
-        called once for pass 1 and once at ``w + e``; on return the weights are ``w`` again (also after an
-        exception) and the gradients are the variant's descent gradient. Returns the pass-1 loss.
+        called once for pass 1 and once at ``w + e`` (not at all again for variants that skip pass 2); on return
+        the weights are ``w`` again (also after an exception) and the gradients are the variant's descent
+        gradient. Without ``optimizer`` the caller runs ``engine.before_optimizer_step(optimizer)`` (a no-op for
+        most variants) and ``optimizer.step()``. Returns the pass-1 loss.
         """
         loss = closure()
-        if not self.needs_second_pass():
-            self.plain_step()
-            return loss
         try:
-            if self.ascend() is None:  # no parameter has a gradient: nothing to perturb, no pass 2
+            if not self.needs_second_pass() or self.ascend() is None:  # no pass 2 (or nothing to perturb)
                 self.plain_step()
-                return loss
-            closure()
-            self.descend()
+            else:
+                closure()
+                self.descend()
         finally:
             self.restore()
+        if optimizer is not None:
+            self.before_optimizer_step(optimizer)
+            optimizer.step()
         return loss
 
     # ------------------------------------------------------------------ state

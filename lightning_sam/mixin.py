@@ -40,6 +40,7 @@ from lightning_sam.distributed import (
 )
 from lightning_sam.engine import SAMEngine
 from lightning_sam.side_effects import SecondPassGuard
+from lightning_sam.tensor_ops import non_finite_flag
 from lightning_sam.variants import make_variant, variant_class
 
 
@@ -207,14 +208,19 @@ class SAMMixin:
             if perturbation_norm is not None:
                 sharpness = loss2.detach().float() - loss1.detach().float()
                 metrics = {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm}
-                log_metrics(self, {**metrics, **engine.variant.metrics()})  # type: ignore[arg-type]
+                log_metrics(self, metrics)  # type: ignore[arg-type]
         else:
             engine.plain_step()
+        if getattr(trainer._logger_connector, "should_update_logs", True):
             log_metrics(self, engine.variant.metrics())  # type: ignore[arg-type]
         if config["clip_val"] is not None:
             # under GradScaler the descent gradient is still scaled here (Lightning unscales inside step)
             scale = scaler._scale if scaler is not None else None
             clip_gradients_(_optimizer_grads(raw), config["clip_val"], config["clip_algorithm"], scale=scale)
+        if engine.has_before_step:  # gradients may still be scaled here: the hook compares and tests them only
+            grads = _optimizer_grads(raw)
+            skip = non_finite_flag(grads) if scaler is not None and grads else None
+            engine.before_optimizer_step(raw, skip)
         optimizer.step()
         optimizer.zero_grad()
         return loss1.detach()

@@ -28,6 +28,11 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def non_finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim fp32 tensor: 1.0 if any element of ``tensors`` is inf or NaN, else 0.0 (no host sync)."""
+    return (~torch.isfinite(global_norm(tensors))).float()
+
+
 def group_by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
     """Indices of ``tensors`` grouped by device (foreach kernels and AMP helpers need one device per call)."""
     groups: dict[torch.device, list[int]] = {}

@@ -121,6 +121,17 @@ class Variant(ABC):
         """Receive the sum over ``count`` samples of squared per-sample gradients (one tensor per parameter)."""
         return None
 
+    def before_optimizer_step_(
+        self, step_index: int, learning_rates: dict[str, float | Tensor], skip: Tensor | None
+    ) -> None:
+        """Right before the optimizer step, after the descent gradient is final (BAR's decoupled rescaling).
+
+        ``learning_rates`` maps each parameter name to its param group's current learning rate; ``skip`` is a
+        0-dim tensor, 1.0 when the optimizer will skip this step (non-finite gradients under GradScaler), or None.
+        Only called for variants that override it.
+        """
+        return None
+
     def metrics(self) -> dict[str, Tensor]:
         """Extra values to log (e.g. mask density), as tensors; empty by default."""
         return {}
