@@ -256,13 +256,22 @@ class SAMCallback(Callback):
         perturbation_norm = engine.ascend()
         if perturbation_norm is None:
             return
-        self._loss2 = None
         try:
+            for _ascent in range(1, engine.ascent_steps):  # multi-step variants: local passes, ascend again
+                self._loss2 = None
+                torch._foreach_zero_(_optimizer_grads(optimizer))
+                self._run_second_pass(trainer, pl_module, optimizer, window, sync=False)
+                if scaler is not None:  # an intermediate overflow skips the step (the weights are restored anyway)
+                    found = amp.unscale_(_optimizer_grads(optimizer), scaler)
+                    if not amp.handles_unscaling(optimizer):
+                        amp.mark_found_inf(scaler, optimizer, found)
+                engine.ascend()
+            self._loss2 = None
             torch._foreach_zero_(_optimizer_grads(optimizer))
-            self._run_second_pass(trainer, pl_module, optimizer, window)
+            self._run_second_pass(trainer, pl_module, optimizer, window, sync=True)
             if scaler is not None and not amp.handles_unscaling(optimizer):
                 amp.unscale_second_pass_(scaler, optimizer)
-            engine.descend()
+            engine.descend(evaluate=lambda: self._probe_loss(trainer, pl_module, window))
         finally:
             engine.restore()
             self._in_second_pass = False
@@ -302,17 +311,39 @@ class SAMCallback(Callback):
                 amp.mark_found_inf(scaler, optimizer, found)
         return overflowed
 
+    def _probe_loss(self, trainer: Trainer, pl_module: LightningModule, window: list[tuple[Any, int]]) -> Tensor:
+        """The window's loss at the current weights: forward only, in training mode, without side effects."""
+        assert self._guard is not None
+        pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+        total: Tensor | None = None
+        self._in_second_pass = True
+        with torch.no_grad(), self._guard.active(), trainer.precision_plugin.train_step_context():
+            for batch, batch_idx in window:
+                loss = loss_from_output(pl_module.training_step(*((batch, batch_idx) if pass_batch_idx else (batch,))))
+                if loss is None:
+                    raise RuntimeError("training_step returned None during a loss probe")
+                value = loss.detach().float() / trainer.accumulate_grad_batches
+                total = value if total is None else total + value
+        assert total is not None
+        return total
+
     def _run_second_pass(
-        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer, window: list[tuple[Any, int]]
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        optimizer: Optimizer,
+        window: list[tuple[Any, int]],
+        sync: bool = True,
     ) -> None:
-        """Re-run training_step + backward at w + e on every micro-batch of the window, without side effects."""
+        """Re-run training_step + backward at the perturbed weights on every micro-batch of the window, without
+        side effects; with ``sync``, DDP all-reduces on the last micro-batch."""
         assert self._guard is not None
         pass_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
         accumulate = trainer.accumulate_grad_batches
         self._in_second_pass = True
         with self._guard.active():
             for i, (batch, batch_idx) in enumerate(window):
-                set_gradient_sync(trainer, i == len(window) - 1)
+                set_gradient_sync(trainer, sync and i == len(window) - 1)
                 args = (batch, batch_idx) if pass_batch_idx else (batch,)
                 loss = loss_from_output(trainer.strategy.training_step(*args))
                 if loss is None:

@@ -189,23 +189,40 @@ class SAMEngine:
         self.last_perturbation_norm = perturbation_norm
         return perturbation_norm
 
+    @property
+    def ascent_steps(self) -> int:
+        """Ascent passes per step: 1, or ``k`` for multi-step variants (ascend again after each extra pass)."""
+        return self.variant.ascent_steps
+
     @torch.no_grad()
-    def descend(self) -> None:
-        """After pass 2: let the variant set the descent gradient, then restore the saved weights exactly."""
+    def descend(self, evaluate: Callable[[], Tensor] | None = None, evaluate_clobbers_grads: bool = False) -> None:
+        """After the last pass: let the variant set the descent gradient, then restore the saved weights exactly.
+
+        ``evaluate`` (optional) returns the loss on the current batch at the current weights without side effects;
+        variants that probe the loss (XSAM's alpha search) use it. Set ``evaluate_clobbers_grads`` when it runs a
+        backward (a training closure): the variant then keeps a copy of the gradients it still needs.
+        """
         try:
             if self._perturbed and self._active is not None:
                 active = self._active
                 grads = [p.grad for p in active.params]
                 present = [i for i, g in enumerate(grads) if g is not None]
                 if present:
+                    descent_grads = [grads[i] for i in present]
                     self.variant.descent_(
                         StepTensors(
                             names=[active.names[i] for i in present],
                             params=[active.params[i] for i in present],
-                            grads=[grads[i] for i in present],  # type: ignore[misc]
+                            grads=descent_grads,  # type: ignore[arg-type]
                             saved=[active.saved[i] for i in present] if active.saved else [],
+                            step=self.step_count,
+                            evaluate=evaluate,
+                            evaluate_clobbers_grads=evaluate_clobbers_grads,
                         )
                     )
+                    if evaluate_clobbers_grads:  # a probing closure may have replaced the .grad tensors
+                        for i, g in zip(present, descent_grads):
+                            active.params[i].grad = g
         finally:
             self.restore()
         self.step_count += 1
@@ -277,14 +294,21 @@ class SAMEngine:
         self._perturbed = False
         self._active = None
 
-    def step(self, closure: Callable[[], Tensor], optimizer: torch.optim.Optimizer | None = None) -> Tensor:
+    def step(
+        self,
+        closure: Callable[[], Tensor],
+        optimizer: torch.optim.Optimizer | None = None,
+        probe: Callable[[], Tensor] | None = None,
+    ) -> Tensor:
         """Run one whole step of the variant; with ``optimizer``, also its pre-step hook and ``optimizer.step()``.
 
         ``closure`` must zero the gradients, compute the loss, call ``backward`` and return the loss. It is
         called once for pass 1 and once at ``w + e`` (not at all again for variants that skip pass 2); on return
         the weights are ``w`` again (also after an exception) and the gradients are the variant's descent
-        gradient. Without ``optimizer`` the caller runs ``engine.before_optimizer_step(optimizer)`` (a no-op for
-        most variants) and ``optimizer.step()``. Returns the pass-1 loss.
+        gradient. Multi-step variants get ``k`` ascents (``k + 1`` closure calls). ``probe``: a forward-only loss on
+        the same batch for variants that probe the loss (XSAM's alpha search); without it they call ``closure``
+        (its backward is wasted). Without ``optimizer`` the caller runs ``engine.before_optimizer_step(optimizer)``
+        (a no-op for most variants) and ``optimizer.step()``. Returns the pass-1 loss.
         """
         loss = closure()
         try:
@@ -292,7 +316,10 @@ class SAMEngine:
                 self.plain_step()
             else:
                 closure()
-                self.descend()
+                for _ in range(1, self.ascent_steps):
+                    self.ascend()
+                    closure()
+                self.descend(evaluate=probe or closure, evaluate_clobbers_grads=probe is None)
         finally:
             self.restore()
         if optimizer is not None:

@@ -196,15 +196,27 @@ class SAMMixin:
                 amp.poison_(_optimizer_grads(raw))  # the scaler's unscale_ in step() then skips on every rank
         if run_second:
             perturbation_norm = engine.ascend()
+            guard = self._sam_guard
+            assert guard is not None
+
+            def probe() -> Tensor:  # forward-only loss at the current weights (XSAM's alpha search)
+                with torch.no_grad(), guard.active():
+                    return loss_fn().detach()
+
             try:
-                torch._foreach_zero_(_optimizer_grads(raw))
-                assert self._sam_guard is not None
-                with self._sam_guard.active():
-                    loss2 = loss_fn()
-                    self.manual_backward(loss2)  # type: ignore[attr-defined]
-                engine.descend()
+                for ascent in range(engine.ascent_steps):  # k passes at perturbed weights; only the last syncs
+                    last = ascent == engine.ascent_steps - 1
+                    if ascent:
+                        engine.ascend()
+                    torch._foreach_zero_(_optimizer_grads(raw))
+                    set_gradient_sync(trainer, last)
+                    with guard.active():
+                        loss2 = loss_fn()
+                        self.manual_backward(loss2)  # type: ignore[attr-defined]
+                engine.descend(evaluate=probe)
             finally:
                 engine.restore()
+                set_gradient_sync(trainer, True)
             if perturbation_norm is not None:
                 sharpness = loss2.detach().float() - loss1.detach().float()
                 metrics = {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm}

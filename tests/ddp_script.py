@@ -122,6 +122,10 @@ def main(mode: str, out_dir: str) -> None:
     module_cls = Classifier
     if mode.startswith(("local", "fp16")):
         callbacks.append(SAMCallback("sam"))
+    elif mode in ("fsam", "xsam"):
+        callbacks.append(SAMCallback(mode))
+    elif mode == "xsam_k2":
+        callbacks.append(SAMCallback("xsam", steps=2, alpha_every=2))
     elif mode == "ssam_fisher":
         callbacks.append(SAMCallback("ssam", num_samples=24, mask_every=2, sparsity=0.7))
     elif mode == "ssam_dst":

@@ -265,3 +265,152 @@ def reference_ssam_run(model, batches, optimizer, ssam: ReferenceSSAM):
                 p.copy_(original)
         optimizer.step()
     return model
+
+
+# ---------------------------------------------------------------------------------------------------- XSAM
+class ReferenceXSAM:
+    """XSAM written from ALGORITHMS.md with plain loops; ``alpha`` is its state."""
+
+    def __init__(self, rho=0.15, steps=1, rho_max=None, alpha=1.0, alpha_max=2.0, alpha_step=0.1, alpha_every=None):
+        self.rho, self.steps = rho, steps
+        self.rho_max = 2 * rho if rho_max is None else rho_max
+        self.alpha, self.alpha_every = alpha, alpha_every
+        self.grid = [i * alpha_step for i in range(int(alpha_max / alpha_step + 1e-9) + 1)]
+
+    def search_due(self, step):
+        if self.alpha_every == 0:
+            return False
+        return step == 0 if self.alpha_every is None else step % self.alpha_every == 0
+
+
+def reference_xsam_step(model, loss_of, optimizer, xsam: ReferenceXSAM, step: int):
+    optimizer.zero_grad()
+    loss_of(model).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    w0 = [p.detach().clone() for p in params]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    for i in range(xsam.steps):
+        if i:
+            optimizer.zero_grad()
+            loss_of(model).backward()
+        grads = [p.grad.detach().clone() for p in params]
+        norm = l2_norm(grads)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_((xsam.rho / xsam.steps) * g / (norm + EPS))
+    optimizer.zero_grad()
+    loss_of(model).backward()
+    g_k = [p.grad.detach().clone() for p in params]
+    displacement = [p.detach() - w for p, w in zip(params, w0)]
+    d_norm = l2_norm(displacement)
+    v0 = [d / (d_norm + EPS) for d in displacement]
+    g_norm = l2_norm(g_k)
+    v1 = [g / (g_norm + EPS) for g in g_k]
+    cosine = sum((a * b).sum() for a, b in zip(v0, v1))
+    theta = torch.arccos(torch.clamp(cosine, -1.0, 1.0))
+
+    def v(a):
+        if torch.sin(theta) < 1e-8:
+            return [(x + y) / 2 for x, y in zip(v0, v1)]
+        return [(torch.sin((1 - a) * theta) * x + torch.sin(a * theta) * y) / torch.sin(theta) for x, y in zip(v0, v1)]
+
+    if xsam.search_due(step):
+        losses = []
+        for a in xsam.grid:
+            with torch.no_grad():
+                for p, w, direction in zip(params, w0, v(a)):
+                    p.copy_(w + xsam.rho_max * direction)
+                losses.append(loss_of(model).item())
+                for b, original in zip(model.buffers(), buffers):
+                    b.copy_(original)
+        xsam.alpha = xsam.grid[losses.index(max(losses))]
+    descent = [g_norm * d for d in v(xsam.alpha)]
+    with torch.no_grad():
+        for p, w, d in zip(params, w0, descent):
+            p.copy_(w)
+            p.grad = d.clone()
+        for b, original in zip(model.buffers(), buffers):
+            b.copy_(original)
+    optimizer.step()
+
+
+# ---------------------------------------------------------------------------------------------- BAR
+def bar_alpha(t: int, total_steps: int | None, mu0: float = 1.0, schedule: str = "linear") -> float:
+    """alpha_t = mu0 * s(t / T): s = linear 1 - u | cosine ½(1 + cos πu) | constant 1 (u clipped to 1)."""
+    if schedule == "constant":
+        return mu0
+    u = min(t / total_steps, 1.0)
+    if schedule == "linear":
+        return mu0 * (1.0 - u)
+    if schedule == "cosine":
+        return mu0 * 0.5 * (1.0 + math.cos(math.pi * u))
+    raise ValueError(schedule)
+
+
+@torch.no_grad()
+def reference_bar_rescale(
+    pairs: list[tuple[Tensor, Tensor]],
+    learning_rates: list[float],
+    t: int,
+    total_steps: int | None,
+    mu0: float = 1.0,
+    schedule: str = "linear",
+    rule: str = "nbar",
+    skip: bool = False,
+) -> list[str]:
+    """BAR's decoupled rescaling, one pair at a time; returns per pair "A up", "A down" or "alone".
+
+    c = alpha_t * lr (lr of the group holding A). nBAR: ||g_A|| >= ||g_B|| -> A *= 1 + c, B *= 1 - c, else the
+    opposite. oBAR: ||A|| >= ||B|| -> A *= 1 - c, B *= 1 + c, else the opposite. Both gradient norms 0 (or no
+    gradients): the pair is left alone. A skipped step rescales nothing.
+    """
+    decisions = []
+    alpha = bar_alpha(t, total_steps, mu0, schedule)
+    for (a, b), lr in zip(pairs, learning_rates):
+        grad_a = a.grad.float().norm().item() if a.grad is not None else 0.0
+        grad_b = b.grad.float().norm().item() if b.grad is not None else 0.0
+        if skip or (grad_a == 0.0 and grad_b == 0.0):
+            decisions.append("alone")
+            continue
+        c = alpha * lr
+        if rule == "nbar":
+            a_up = grad_a >= grad_b
+        else:
+            a_up = not a.float().norm().item() >= b.float().norm().item()
+        a.mul_(1 + c if a_up else 1 - c)
+        b.mul_(1 - c if a_up else 1 + c)
+        decisions.append("A up" if a_up else "A down")
+    return decisions
+
+
+def balancedness(pairs: list[tuple[Tensor, Tensor]]) -> list[float]:
+    """|½(||A||² − ||B||²)| of each pair."""
+    return [abs(0.5 * (a.float().norm().item() ** 2 - b.float().norm().item() ** 2)) for a, b in pairs]
+
+
+def reference_bar_run(
+    model: nn.Module,
+    batches: list,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    pair_names: list[tuple[str, str]],
+    total_steps: int | None,
+    epochs: int = 1,
+    **options,
+) -> list[str]:
+    """Plain loop: backward, BAR's rescaling with each A's group lr, optimizer.step(), scheduler.step() per step."""
+    named = dict(model.named_parameters())
+    pairs = [(named[a], named[b]) for a, b in pair_names]
+    decisions: list[str] = []
+    t = 0
+    for _ in range(epochs):
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+            decisions += reference_bar_rescale(pairs, [lr_of[id(a)] for a, _ in pairs], t, total_steps, **options)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            t += 1
+    return decisions

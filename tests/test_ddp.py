@@ -176,3 +176,10 @@ def test_ssam_masks_identical_on_every_rank(tmp_path, mode):
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
     kept = sum(m.sum().item() for m in masks[0].values())
     assert kept == round(195 * (1 - 0.7))
+
+
+@pytest.mark.parametrize("mode, count", [("fsam", 5), ("xsam", 5), ("xsam_k2", 5)])
+def test_fsam_and_xsam_keep_ranks_identical(tmp_path, mode, count):
+    results = run_ddp(mode, tmp_path)
+    assert_ranks_identical(results)
+    assert [r["allreduce_count"] for r in results] == [count, count]  # gradient buckets: pass 1 stays local

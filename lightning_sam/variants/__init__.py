@@ -8,16 +8,20 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from lightning_sam.variants.bar import BAR
 from lightning_sam.variants.base import StepTensors, Variant
 from lightning_sam.variants.fsam import FSAM
 from lightning_sam.variants.sam import ASAM, SAM
 from lightning_sam.variants.ssam import SSAM
+from lightning_sam.variants.xsam import XSAM
 
 _REGISTRY: dict[str, type[Variant]] = {
     "sam": SAM,
     "asam": ASAM,
     "ssam": SSAM,
     "fsam": FSAM,
+    "bar": BAR,
+    "xsam": XSAM,
 }
 
 

@@ -38,8 +38,11 @@ class StepTensors:
     ``names[i]``, ``params[i]``, ``grads[i]`` and ``saved[i]`` describe the same parameter. ``saved`` holds
     the weights as they were before the first ascent of the step (what the engine copies back). ``ascent`` counts
     the ascents of this step before this one (0 for single-step variants; multi-step variants ascend again);
-    ``step`` is the engine's optimizer-step counter. A variant with ``dense_save = False`` gets ``saved = []`` and
-    keeps its own (sparse) copy in :meth:`Variant.save_` / :meth:`Variant.restore_`.
+    ``step`` is the engine's optimizer-step counter. In :meth:`Variant.descent_`, ``evaluate()`` (when the adapter
+    can provide it) returns the loss on the current batch at the current weights, without side effects;
+    ``evaluate_clobbers_grads`` says whether it overwrites the gradients (a closure that runs backward). A variant
+    with ``dense_save = False`` gets ``saved = []`` and keeps its own (sparse) copy in :meth:`Variant.save_` /
+    :meth:`Variant.restore_`.
     """
 
     names: list[str]
@@ -48,6 +51,8 @@ class StepTensors:
     saved: list[Tensor]
     ascent: int = 0
     step: int = 0
+    evaluate: Callable[[], Tensor] | None = None
+    evaluate_clobbers_grads: bool = False
 
 
 class Variant(ABC):
@@ -84,6 +89,11 @@ class Variant(ABC):
     def descent_(self, step: StepTensors) -> None:
         """Optionally replace the descent gradient ``step.grads`` (pass-2 gradients) in place. Identity here."""
         return None
+
+    @property
+    def ascent_steps(self) -> int:
+        """Ascent passes per step (1; multi-step variants ascend again after each extra pass)."""
+        return 1
 
     def needs_second_pass(self, step_index: int) -> bool:
         """Whether optimizer step ``step_index`` (0-based) runs the ascent and pass 2. Always, by default."""

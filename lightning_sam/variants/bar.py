@@ -1,0 +1,343 @@
+"""BAR, balancedness-aware regularization (Li, Zhang & He, NeurIPS 2024).
+
+For two-factor (scale-invariant) layers such as LoRA, ``W = W0 + s * B @ A``, SAM implicitly drives the
+*balancedness* ``b = ½(||A||² − ||B||²)`` of each pair toward 0. BAR does it explicitly and cheaply: no second
+pass, only a decoupled multiplicative rescaling of each pair right before the optimizer step (like AdamW's
+weight decay: not a loss term, not a gradient term). With ``c = alpha_t * lr`` (``lr`` of the param group that
+holds ``A``), per pair::
+
+    nBAR (default):  if ||g_A|| >= ||g_B||:  A *= (1 + c);  B *= (1 - c)   else:  A *= (1 - c);  B *= (1 + c)
+    oBAR:            if ||A|| >= ||B||:      A *= (1 - c);  B *= (1 + c)   else:  A *= (1 + c);  B *= (1 - c)
+    alpha_t = mu0 * s(t / T),  s = linear 1 - u (default) | cosine ½(1 + cos πu) | constant 1
+
+``t = 0, 1, ...`` is the index of the optimizer step (skipped GradScaler steps count), ``T`` the total number of
+optimizer steps (``u`` is clipped to 1 past ``T``). Norms are Frobenius, per pair, in fp32. A pair whose two
+gradient norms are both 0 (or that has no gradient at all) is left alone, for either rule. A step the optimizer
+skips (``skip == 1``) rescales nothing, without a host sync. Every other trained parameter gets a plain step.
+
+``rho`` has no meaning here (nothing is perturbed): leave it unset; a given ``rho`` raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sam.variants.base import StepTensors, Variant
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("linear", "cosine", "constant")
+RULES = ("nbar", "obar")
+
+# peft's LoraLayer keeps its factors in ModuleDicts ``lora_A`` / ``lora_B`` keyed by adapter name (Linear, Conv,
+# MultiheadAttention, ...: ``<prefix>.lora_A.<adapter>.weight``) and, for Embedding, in ParameterDicts
+# ``lora_embedding_A`` / ``lora_embedding_B`` (``<prefix>.lora_embedding_A.<adapter>``). Module names never contain
+# a dot, so an adapter name is one path component.
+_PEFT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(?P<prefix>(?:.*\.)?)lora_A\.(?P<adapter>[^.]+)\.weight$"), "{prefix}lora_B.{adapter}.weight"),
+    (re.compile(r"^(?P<prefix>(?:.*\.)?)lora_embedding_A\.(?P<adapter>[^.]+)$"), "{prefix}lora_embedding_B.{adapter}"),
+)
+
+PairsOption = Sequence[tuple[Any, Any]] | Callable[[list[str], list[Tensor]], Sequence[tuple[str, str]]] | None
+
+
+def peft_lora_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(name_A, name_B)`` of every peft LoRA pair (every adapter; Linear, Conv and Embedding) among ``names``.
+
+    A factor whose partner is not in ``names`` (e.g. not trained by the optimizer) is not paired.
+    """
+    present = set(names)
+    pairs = []
+    for name in names:
+        for pattern, partner in _PEFT_PATTERNS:
+            match = pattern.match(name)
+            if match is not None:
+                other = partner.format(**match.groupdict())
+                if other in present:
+                    pairs.append((name, other))
+                break
+    return pairs
+
+
+def _schedule_value(schedule: str, u: float) -> float:
+    if schedule == "linear":
+        return 1.0 - u
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * u))
+    return 1.0
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class _DeviceGroup:
+    """The pairs that live on one device: their factors as one flat list ``[A_1..A_P, B_1..B_P]``."""
+
+    def __init__(self, device: torch.device, positions: list[int], a: list[Tensor], b: list[Tensor]) -> None:
+        self.device = device
+        self.positions = positions  # indices into BAR.found_pairs
+        self.size = len(a)
+        self.factors = a + b
+        self.zero = torch.zeros((), dtype=torch.float32, device=device)  # the norm of a missing gradient
+
+
+class BAR(Variant):
+    """Balancedness-aware regularization of two-factor pairs ``(A, B)``, no second pass.
+
+    Args:
+        rho: not used by BAR (nothing is perturbed); must be left ``None``.
+        mu0: the coefficient ``mu0`` of ``alpha_t = mu0 * s(t / T)``, finite and >= 0 (default 1.0; the paper's
+            grid is {0.5, 1, 2} for RoBERTa-large with AdamW at lr 1e-4…5e-4).
+        schedule: ``s``: ``"linear"`` ``1 - u`` (default), ``"cosine"`` ``½(1 + cos πu)``, ``"constant"`` 1.
+        rule: ``"nbar"`` (default; compares the gradient norms of the pair) or ``"obar"`` (compares the weights).
+        total_steps: ``T``, the total number of optimizer steps (the Lightning adapters fill it in from the
+            Trainer's estimated stepping batches; required by ``SAMEngine`` unless ``schedule="constant"``).
+        pairs: which parameters form pairs. ``None`` (default): every peft LoRA pair found from the parameter
+            names (``...lora_A.<adapter>.weight`` with ``...lora_B.<adapter>.weight``, ``...lora_embedding_A.
+            <adapter>`` with ``...lora_embedding_B.<adapter>``). Or a list of ``(A, B)`` given as tensors (matched
+            by identity to the trained parameters) or as parameter names. Or a callable ``(names, params) ->
+            [(name_A, name_B), ...]`` for any other two-factor layer.
+
+    After ``bind``, ``found_pairs`` lists the ``(name_A, name_B)`` pairs and ``setup_message`` describes them in
+    one line (the adapters log it). No pairs raises ``ValueError``.
+
+    State: ``step``, the number of optimizer steps seen (``t`` of the next step). ``T`` is an option, not state:
+    give ``total_steps`` explicitly when a resumed run would otherwise derive another ``T`` from its Trainer.
+    """
+
+    name = "bar"
+    default_rho = 1.0  # placeholder the engine's per-group checks accept; BAR never perturbs
+
+    def __init__(
+        self,
+        rho: float | None = None,
+        mu0: float = 1.0,
+        schedule: str = "linear",
+        rule: str = "nbar",
+        total_steps: int | None = None,
+        pairs: PairsOption = None,
+    ) -> None:
+        if rho is not None:
+            raise ValueError(
+                f"bar: rho has no meaning for BAR (it rescales (A, B) pairs and perturbs nothing), got rho={rho!r}; "
+                "leave rho unset (None)."
+            )
+        super().__init__(None)
+        if not _is_number(mu0) or mu0 < 0:
+            raise ValueError(f"bar: mu0 must be a finite number >= 0, got {mu0!r} (default 1.0)")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"bar: unknown schedule {schedule!r}; choose one of {SCHEDULES} (default 'linear')")
+        if rule not in RULES:
+            raise ValueError(f"bar: unknown rule {rule!r}; choose one of {RULES} (default 'nbar')")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"bar: total_steps must be an int >= 1, got {total_steps!r}")
+        if pairs is not None and not callable(pairs):
+            if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+                raise ValueError(
+                    "bar: pairs must be None (peft LoRA discovery), a list of (A, B) tensors or names, or a callable "
+                    f"(names, params) -> [(name_A, name_B), ...]; got {type(pairs).__name__}"
+                )
+            for pair in pairs:
+                if not (
+                    isinstance(pair, (tuple, list))
+                    and len(pair) == 2
+                    and (all(isinstance(x, Tensor) for x in pair) or all(isinstance(x, str) for x in pair))
+                ):
+                    raise ValueError(f"bar: each entry of pairs must be (A, B), two tensors or two names; got {pair!r}")
+        self.mu0 = float(mu0)
+        self.schedule = schedule
+        self.rule = rule
+        self.total_steps = total_steps
+        self.pairs = pairs
+        self.steps = 0  # optimizer steps seen: t of the next step
+        self.found_pairs: list[tuple[str, str]] = []
+        self._groups: list[_DeviceGroup] = []
+
+    @classmethod
+    def trainer_defaults(cls, options: dict[str, Any], steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
+        if options.get("schedule", "linear") == "constant":
+            return {}
+        return {"total_steps": max(1, total_steps)}
+
+    # ----------------------------------------------------------------- setup
+    def bind(self, names: list[str], params: list[Tensor]) -> None:
+        index = {name: i for i, name in enumerate(names)}
+        if self.pairs is None:
+            named = peft_lora_pairs(names)
+            how = "peft LoRA names"
+        elif callable(self.pairs):
+            named = [tuple(pair) for pair in self.pairs(list(names), list(params))]  # type: ignore[misc]
+            how = "pairs=<callable>"
+            for pair in named:
+                if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                    raise ValueError(f"bar: the pairs callable must return (name_A, name_B) pairs, got {pair!r}")
+        else:
+            by_id = {id(p): name for name, p in zip(names, params)}
+            named = []
+            for a, b in self.pairs:
+                pair = []
+                for x in (a, b):
+                    name = by_id.get(id(x)) if isinstance(x, Tensor) else x
+                    if name is None:
+                        raise ValueError(
+                            f"bar: a tensor of shape {tuple(x.shape)} in pairs= is not among the trained parameters "
+                            "(is it in the optimizer, with requires_grad and not in a sam_exclude group?)"
+                        )
+                    pair.append(name)
+                named.append(tuple(pair))
+            how = "pairs=[...]"
+        seen: set[str] = set()
+        for a, b in named:
+            for name in (a, b):
+                if name not in index:
+                    raise ValueError(f"bar: {name!r} in pairs is not among the trained parameters")
+                if name in seen:
+                    raise ValueError(f"bar: parameter {name!r} appears in more than one pair (or twice in one)")
+                seen.add(name)
+        if not named:
+            raise ValueError(
+                f"bar: no (A, B) pairs found among the {len(names)} trained parameters (searched: {how}). BAR finds "
+                "peft LoRA layers by their names (...lora_A.<adapter>.weight / ...lora_B.<adapter>.weight, "
+                "...lora_embedding_A.<adapter> / ...lora_embedding_B.<adapter>); for any other two-factor layer pass "
+                "pairs=[(A, B), ...] (tensors or names) or pairs=callable(names, params) -> [(name_A, name_B), ...]."
+            )
+        self.found_pairs = [(a, b) for a, b in named]  # type: ignore[misc]
+        by_device: dict[torch.device, list[int]] = {}
+        for k, (a, _) in enumerate(self.found_pairs):
+            by_device.setdefault(params[index[a]].device, []).append(k)
+        self._groups = []
+        for device, positions in by_device.items():
+            a_params = [params[index[self.found_pairs[k][0]]] for k in positions]
+            b_params = [params[index[self.found_pairs[k][1]]] for k in positions]
+            for k, p in zip(positions, b_params):
+                if p.device != device:
+                    raise ValueError(f"bar: the factors of pair {self.found_pairs[k]} live on different devices")
+            self._groups.append(_DeviceGroup(device, positions, a_params, b_params))
+        if self.schedule != "constant" and self.total_steps is None:
+            raise ValueError(
+                f"bar: schedule={self.schedule!r} needs total_steps=... (T, the number of optimizer steps; "
+                "SAMCallback and SAMMixin set it from the Trainer), or use schedule='constant'"
+            )
+        log.info(self.setup_message)
+
+    @property
+    def setup_message(self) -> str:
+        """One line for the adapters to log once at setup: how many pairs, and which."""
+        shown = ", ".join(f"({a}, {b})" for a, b in self.found_pairs[:4])
+        more = f", ... ({len(self.found_pairs) - 4} more)" if len(self.found_pairs) > 4 else ""
+        return (
+            f"BAR ({self.rule}, mu0={self.mu0}, {self.schedule}) rescales {len(self.found_pairs)} pairs: {shown}{more}"
+        )
+
+    # ----------------------------------------------------------------- the rule
+    def direction_(self, step: StepTensors) -> Tensor:
+        raise RuntimeError("bar has no ascent: it never runs a second pass (needs_second_pass is False)")
+
+    def needs_second_pass(self, step_index: int) -> bool:
+        return False
+
+    def alpha(self, step_index: int) -> float:
+        """``alpha_t = mu0 * s(t / T)`` for optimizer step ``t = step_index`` (``u`` clipped to 1)."""
+        if self.schedule == "constant":
+            return self.mu0
+        u = min(step_index / self.total_steps, 1.0) if self.total_steps else 1.0
+        return self.mu0 * _schedule_value(self.schedule, max(u, 0.0))
+
+    @torch.no_grad()
+    def before_optimizer_step_(
+        self, step_index: int, learning_rates: dict[str, float | Tensor], skip: Tensor | None
+    ) -> None:
+        self.steps = step_index + 1
+        if not self._groups:
+            raise RuntimeError("bar: bind() was not called (the engine binds the variant to its parameters)")
+        alpha = self.alpha(step_index)
+        if alpha == 0.0:
+            return
+        for group in self._groups:
+            try:
+                coefficients = [alpha * learning_rates[self.found_pairs[k][0]] for k in group.positions]
+            except KeyError as missing:
+                raise RuntimeError(
+                    f"bar: no learning rate for {missing}: is it in the optimizer's param groups?"
+                ) from None
+            self._rescale_(group, coefficients, skip)
+
+    def _rescale_(self, group: _DeviceGroup, coefficients: list[float | Tensor], skip: Tensor | None) -> None:
+        """Multiply ``A`` by ``1 + sign * c`` and ``B`` by ``1 - sign * c`` (sign ±1, or 0 when left alone)."""
+        size = group.size
+        grads = [p.grad for p in group.factors]
+        present = [g for g in grads if g is not None]
+        if not present:
+            return  # no gradient at all: every pair is left alone
+        computed = iter(torch._foreach_norm(present, 2, dtype=torch.float32))
+        grad_norms = torch.stack([group.zero if g is None else next(computed) for g in grads])
+        norm_a, norm_b = grad_norms[:size], grad_norms[size:]
+        active = (norm_a > 0) | (norm_b > 0)
+        if self.rule == "nbar":
+            sign = torch.where(norm_a >= norm_b, 1.0, -1.0)
+        else:
+            weights = torch.stack(torch._foreach_norm(group.factors, 2, dtype=torch.float32))
+            sign = torch.where(weights[:size] >= weights[size:], -1.0, 1.0)
+        sign = sign * active
+        if skip is not None:
+            sign = sign * (1.0 - skip.to(device=group.device, dtype=torch.float32).reshape(()))
+        first = coefficients[0]
+        if not isinstance(first, Tensor) and all(c == first for c in coefficients):
+            scaled = sign * first  # the usual case: one learning rate for every pair, a Python number
+        elif not any(isinstance(c, Tensor) for c in coefficients):
+            scaled = torch.stack(torch._foreach_mul(list(sign.unbind()), coefficients))  # type: ignore[arg-type]
+        else:  # tensor learning rates (e.g. capturable optimizers)
+            rates = [torch.as_tensor(c, dtype=torch.float32).to(group.device).reshape(()) for c in coefficients]
+            scaled = sign * torch.stack(rates)
+        factors = torch.cat([1.0 + scaled, 1.0 - scaled])
+        torch._foreach_mul_(group.factors, list(factors.unbind()))
+
+    # ----------------------------------------------------------------- logging
+    @torch.no_grad()
+    def balancedness(self) -> Tensor:
+        """``|½(||A||² − ||B||²)|`` of every pair (fp32, in ``found_pairs`` order, on the first pair's device)."""
+        if not self._groups:
+            raise RuntimeError("bar: bind() was not called")
+        parts, order = [], []
+        target = self._groups[0].device
+        for group in self._groups:
+            norms = torch.stack(torch._foreach_norm(group.factors, 2, dtype=torch.float32))
+            squares = norms * norms
+            parts.append((0.5 * (squares[: group.size] - squares[group.size :])).abs().to(target))
+            order.extend(group.positions)
+        values = torch.cat(parts)
+        if len(self._groups) == 1:
+            return values
+        return values[torch.tensor(order).argsort().to(target)]
+
+    def metrics(self) -> dict[str, Tensor]:
+        if not self._groups:
+            return {}
+        values = self.balancedness()
+        return {"sam/balancedness_mean": values.mean(), "sam/balancedness_max": values.max()}
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """``{"step": optimizer steps seen}``."""
+        return {"step": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self.steps = 0
+            return
+        if set(state) != {"step"}:
+            raise ValueError(f"bar: expected state keys ['step'], got {sorted(state)}")
+        self.steps = int(state["step"])
+
+    def extra_repr(self) -> str:
+        return f"mu0={self.mu0}, schedule={self.schedule!r}, rule={self.rule!r}, total_steps={self.total_steps}"
