@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.optim import Optimizer
@@ -34,6 +34,8 @@ from lightning_sam.distributed import (
     all_reduce_sum_,
     check_static_graph,
     check_strategy,
+    gather_objects,
+    rank,
     set_gradient_sync,
     world_size,
 )
@@ -59,6 +61,19 @@ def grad_scaler_of(trainer: Trainer) -> torch.amp.GradScaler | None:
     """The GradScaler of the 16-mixed precision plugin, or None (32-true, bf16-mixed, ...)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def engine_state_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
+    """This rank's engine state: its own when the checkpoint holds one per rank (same world size), else rank 0's."""
+    per_rank = state.get("engine_per_rank")
+    if per_rank and len(per_rank) == world_size():
+        return per_rank[rank()]
+    if per_rank:
+        rank_zero_warn(
+            f"The checkpoint holds per-rank SAM state for {len(per_rank)} ranks, but {world_size()} are running: "
+            "every rank resumes from rank 0's state."
+        )
+    return state["engine"]
 
 
 def trainer_defaults(trainer: Trainer, variant: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -148,13 +163,17 @@ class SAMCallback(Callback):
         return self._in_second_pass
 
     def state_dict(self) -> dict[str, Any]:
-        if self.engine is not None:
-            return {"engine": self.engine.state_dict()}
-        return dict(self._pending_state or {})
+        if self.engine is None:
+            return dict(self._pending_state or {})
+        state = self.engine.state_dict()
+        if self.engine.variant.per_rank_state and world_size() > 1:
+            # Lightning writes rank 0's callback state only; gather every rank's (checkpoints are collective)
+            return {"engine": state, "engine_per_rank": gather_objects(state)}
+        return {"engine": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.engine is not None:
-            self.engine.load_state_dict(state_dict["engine"])
+            self.engine.load_state_dict(engine_state_for_this_rank(state_dict))
         else:
             self._pending_state = dict(state_dict)
 
@@ -182,7 +201,7 @@ class SAMCallback(Callback):
         self.engine = SAMEngine.from_optimizer(trainer.optimizers[0], pl_module, self.variant, self.rho, **options)
         self.engine.set_all_reduce(all_reduce_sum_)
         if self._pending_state:
-            self.engine.load_state_dict(self._pending_state["engine"])
+            self.engine.load_state_dict(engine_state_for_this_rank(self._pending_state))
             self._pending_state = None
         whole = getattr(self.engine.variant, "fully_perturbed", None)
         if whole:

@@ -51,6 +51,22 @@ def all_reduce_mean_(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def gather_objects(obj: object) -> list[object]:
+    """``obj`` from every rank, in rank order (``[obj]`` when not distributed). A collective: all ranks call it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
 def check_strategy(trainer: Trainer) -> None:
     """Raise a clear error for strategies SAM cannot run under (called from ``setup``)."""
     from lightning.pytorch.strategies import (
@@ -111,6 +127,8 @@ __all__ = [
     "check_static_graph",
     "check_strategy",
     "ddp_module",
+    "gather_objects",
+    "rank",
     "set_gradient_sync",
     "world_size",
 ]

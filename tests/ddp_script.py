@@ -124,6 +124,11 @@ def main(mode: str, out_dir: str) -> None:
         callbacks.append(SAMCallback("sam"))
     elif mode in ("fsam", "xsam"):
         callbacks.append(SAMCallback(mode))
+    elif mode == "fsam_ckpt":
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(SAMCallback("fsam"))
+        callbacks.append(ModelCheckpoint(dirpath=out_dir, save_last=True, save_top_k=0))
     elif mode == "xsam_k2":
         callbacks.append(SAMCallback("xsam", steps=2, alpha_every=2))
     elif mode == "ssam_fisher":
@@ -146,6 +151,7 @@ def main(mode: str, out_dir: str) -> None:
     if mode.startswith("mixin"):
         module = ManualSAM(make_mlp(), sync_ascent=mode == "mixin_sync")
     trainer = quiet_trainer(
+        enable_checkpointing=mode == "fsam_ckpt",
         max_epochs=1,
         devices=2,
         strategy=strategy,

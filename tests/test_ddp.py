@@ -183,3 +183,17 @@ def test_fsam_and_xsam_keep_ranks_identical(tmp_path, mode, count):
     results = run_ddp(mode, tmp_path)
     assert_ranks_identical(results)
     assert [r["allreduce_count"] for r in results] == [count, count]  # gradient buckets: pass 1 stays local
+
+
+def test_fsam_checkpoint_keeps_every_ranks_ema(tmp_path):
+    run_ddp("fsam_ckpt", tmp_path)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = next(v for k, v in checkpoint["callbacks"].items() if "fsam" in k)
+    per_rank = state["engine_per_rank"]
+    assert len(per_rank) == 2
+    ema = [r["variant_state"] for r in per_rank]
+    assert ema[0]["step"] == ema[1]["step"] == 5
+    first = next(k for k, v in ema[0].items() if isinstance(v, dict))
+    name = next(iter(ema[0][first]))
+    # local ascent: each rank averaged its own pass-1 gradients, so the EMAs differ and both are kept
+    assert not torch.equal(ema[0][first][name], ema[1][first][name])

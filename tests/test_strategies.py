@@ -166,3 +166,12 @@ def test_static_graph_is_rejected_unless_sync_ascent():
     with pytest.raises(RuntimeError, match="static_graph"):
         check_static_graph(trainer)
     check_static_graph(_fake_trainer(DDPStrategy()))
+
+
+def test_per_rank_state_from_another_world_size_falls_back_to_rank_zero_with_a_warning():
+    from lightning_sam.callback import engine_state_for_this_rank
+
+    state = {"engine": {"step": 1}, "engine_per_rank": [{"step": 1}, {"step": 2}]}
+    with pytest.warns(UserWarning, match="every rank resumes from rank 0"):
+        assert engine_state_for_this_rank(state) == {"step": 1}
+    assert engine_state_for_this_rank({"engine": {"step": 3}}) == {"step": 3}

@@ -48,6 +48,7 @@ class FSAM(Variant):
 
     name = "fsam"
     default_rho = 0.05
+    per_rank_state = True  # under a local ascent each rank averages its own pass-1 gradient
 
     def __init__(
         self, rho: float | None = None, sigma: float = 1.0, lmbda: float = 0.9, adaptive: bool = False
