@@ -17,7 +17,7 @@ and BatchNorm running statistics are as pass 1 left them (see :mod:`lightning_sa
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -61,6 +61,14 @@ def grad_scaler_of(trainer: Trainer) -> torch.amp.GradScaler | None:
     """The GradScaler of the 16-mixed precision plugin, or None (32-true, bf16-mixed, ...)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def validate_schedule(interval: int, params: Any) -> None:
+    """Raise at construction for a bad ``interval`` or ``params`` filter."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
+    if params is not None and params != "norm" and not callable(params):
+        raise ValueError(f"params must be None, 'norm' or a callable (name, parameter) -> bool, got {params!r}")
 
 
 def engine_state_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +125,10 @@ class SAMCallback(Callback):
         rho: neighbourhood radius; ``None`` takes the variant's default (SAM 0.05, ASAM 0.5).
         sync_ascent: under DDP, all-reduce pass 1 too (global-gradient SAM). Default False: each rank ascends
             with its own gradient (the paper's m-sharpness; half the communication); pass 2 always all-reduces.
+        interval: run the variant's ascent and pass 2 on every ``interval``-th optimizer step only (default 1);
+            the other steps are plain optimizer steps on ``g`` with no second forward/backward.
+        params: which parameters are perturbed (and counted in the gradient norm): ``None`` (all trained ones),
+            ``"norm"`` (normalization layers only: SAM-ON) or a callable ``(name, parameter) -> bool``.
         **variant_options: the variant's options, named as on the variant's docs page (ASAM: ``eta``).
 
     Example::
@@ -135,14 +147,19 @@ class SAMCallback(Callback):
         rho: float | None = None,
         *,
         sync_ascent: bool = False,
+        interval: int = 1,
+        params: str | Callable[[str, Tensor], bool] | None = None,
         **variant_options: Any,
     ) -> None:
         super().__init__()
         self.variant = variant_class(variant).name
         make_variant(self.variant, rho=rho, **variant_options)  # validate everything now, not in training
+        validate_schedule(interval, params)
         self.rho = rho
         self.variant_options = dict(variant_options)
         self.sync_ascent = bool(sync_ascent)
+        self.interval = interval
+        self.params = params
         self.engine: SAMEngine | None = None
         self._pending_state: dict[str, Any] | None = None
         self._guard: SecondPassGuard | None = None
@@ -198,7 +215,15 @@ class SAMCallback(Callback):
                 "one optimizer (param groups may carry their own 'sam_rho' or 'sam_exclude=True')."
             )
         options = {**trainer_defaults(trainer, self.variant, self.variant_options), **self.variant_options}
-        self.engine = SAMEngine.from_optimizer(trainer.optimizers[0], pl_module, self.variant, self.rho, **options)
+        self.engine = SAMEngine.from_optimizer(
+            trainer.optimizers[0],
+            pl_module,
+            self.variant,
+            self.rho,
+            select=self.params,
+            interval=self.interval,
+            **options,
+        )
         self.engine.set_all_reduce(all_reduce_sum_)
         if self._pending_state:
             self.engine.load_state_dict(engine_state_for_this_rank(self._pending_state))

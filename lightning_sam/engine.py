@@ -74,6 +74,28 @@ def _named_entries(params: ParamsLike) -> list[tuple[str, Parameter, dict[str, A
     return entries
 
 
+NORM_LAYERS: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LocalResponseNorm,
+    *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()),
+)
+
+
+def _selection(select: str | Callable[[str, Tensor], bool] | None, module: torch.nn.Module | None) -> set[int] | None:
+    """The ids of the parameters ``select`` picks (None: all)."""
+    if select is None:
+        return None
+    if module is None:
+        raise ValueError("a params filter needs the module (its parameter names and layers)")
+    if select == "norm":
+        return {id(p) for m in module.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    if callable(select):
+        return {id(p) for n, p in module.named_parameters() if select(n, p)}
+    raise ValueError(f"params must be None, 'norm' or a callable (name, parameter) -> bool, got {select!r}")
+
+
 class SAMEngine:
     """The plain-PyTorch core of lightning_sam: ascend, descend, restore exactly.
 
@@ -84,6 +106,8 @@ class SAMEngine:
             in the norm).
         variant: a name from :func:`lightning_sam.available_variants`.
         rho: the neighbourhood radius; ``None`` takes the variant's default.
+        interval: run the ascent and pass 2 on every ``interval``-th step only (1: every step); the steps in
+            between are plain optimizer steps on ``g`` with no second forward/backward.
         **variant_options: the variant's options, named as on the variant's docs page (ASAM: ``eta``).
 
     Only parameters whose ``.grad`` is set (and that require grad) take part in a step: the others are neither
@@ -91,7 +115,18 @@ class SAMEngine:
     copied back bit-exactly (never ``w - e``).
     """
 
-    def __init__(self, params: ParamsLike, variant: str = "sam", rho: float | None = None, **variant_options: Any):
+    def __init__(
+        self,
+        params: ParamsLike,
+        variant: str = "sam",
+        rho: float | None = None,
+        *,
+        interval: int = 1,
+        **variant_options: Any,
+    ):
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"SAMEngine: interval must be an integer >= 1 (1 = every step), got {interval!r}")
+        self.interval = interval
         self.variant: Variant = make_variant(variant, rho=rho, **variant_options)
         entries = [e for e in _named_entries(params) if not e[2].get("sam_exclude", False)]
         if not entries:
@@ -122,27 +157,41 @@ class SAMEngine:
         module: torch.nn.Module | None = None,
         variant: str = "sam",
         rho: float | None = None,
+        *,
+        select: str | Callable[[str, Tensor], bool] | None = None,
+        interval: int = 1,
         **variant_options: Any,
     ) -> SAMEngine:
         """An engine over the optimizer's param groups; a group's ``sam_rho`` and ``sam_exclude`` keys are honoured.
 
         (``sam_rho``, not ``rho``: ``torch.optim.Adadelta`` stores its own ``rho`` in every group.)
-
         Parameter names come from ``module.named_parameters()`` (they key the checkpointed variant state); a
-        parameter the module does not name is called ``group{g}.param{i}``.
+        parameter the module does not name is called ``group{g}.param{i}``. ``select`` restricts the perturbation
+        (and the gradient norm) to some parameters: ``"norm"`` for those of normalization layers (SAM-ON,
+        Mueller et al. 2023) or a callable ``(name, parameter) -> bool``; the others get a plain optimizer step.
         """
         names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
-        groups = []
+        chosen = _selection(select, module)
+        groups: list[dict[str, Any]] = []
         for g, group in enumerate(optimizer.param_groups):
-            entry: dict[str, Any] = {
-                "params": [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group["params"])]
-            }
+            entries = [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group["params"])]
+            if chosen is not None:
+                left_out = [(n, p) for n, p in entries if id(p) not in chosen]
+                if left_out:
+                    groups.append({"params": left_out, "sam_exclude": True})
+                entries = [(n, p) for n, p in entries if id(p) in chosen]
+            entry: dict[str, Any] = {"params": entries}
             if "sam_rho" in group:  # not "rho": Adadelta (and others) already use that key
                 entry["rho"] = group["sam_rho"]
             if "sam_exclude" in group:
                 entry["sam_exclude"] = group["sam_exclude"]
             groups.append(entry)
-        return cls(groups, variant, rho, **variant_options)
+        if chosen is not None and not any(g["params"] and not g.get("sam_exclude") for g in groups):
+            raise ValueError(
+                f"The params filter {select!r} selects none of the optimizer's parameters: nothing would be "
+                "perturbed. Check the filter (params='norm' needs normalization layers in the module)."
+            )
+        return cls(groups, variant, rho, interval=interval, **variant_options)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -157,7 +206,7 @@ class SAMEngine:
 
     def needs_second_pass(self) -> bool:
         """Whether the coming step runs the ascent and pass 2 (else: a plain step, call :meth:`plain_step`)."""
-        return self.variant.needs_second_pass(self.step_count)
+        return self.step_count % self.interval == 0 and self.variant.needs_second_pass(self.step_count)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -280,10 +329,16 @@ class SAMEngine:
         """Give the variant an in-place SUM over ranks (DDP) for state every rank must agree on."""
         self.variant.set_all_reduce(all_reduce_sum_)
 
+    @torch.no_grad()
     def plain_step(self) -> None:
-        """Count a step that ran without the ascent and pass 2 (the optimizer descends on ``g``)."""
+        """A step without the ascent and pass 2: the variant may adjust the descent gradient (pass 1's, e.g.
+        LookSAM's reuse of ``g_v``); then the step is counted."""
         if self._perturbed:
             raise RuntimeError("plain_step() called while the weights are perturbed: call descend() or restore()")
+        if type(self.variant).plain_step_ is not Variant.plain_step_:
+            active = self._collect(False)
+            if active is not None:
+                self.variant.plain_step_(active)
         self.step_count += 1
 
     @torch.no_grad()

@@ -28,7 +28,13 @@ from torch import Tensor
 
 from lightning_sam import amp
 from lightning_sam.batches import batchnorm_in_eval
-from lightning_sam.callback import _optimizer_grads, grad_scaler_of, log_metrics, trainer_defaults
+from lightning_sam.callback import (
+    _optimizer_grads,
+    grad_scaler_of,
+    log_metrics,
+    trainer_defaults,
+    validate_schedule,
+)
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.distributed import (
     all_reduce_max_,
@@ -56,23 +62,29 @@ class SAMMixin:
         rho: float | None = None,
         *,
         sync_ascent: bool = False,
+        interval: int = 1,
+        params: str | Callable[[str, Tensor], bool] | None = None,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         **variant_options: Any,
     ) -> None:
         """Choose the variant (validated now) and the descent-gradient clipping. Call it in ``__init__``.
 
-        ``sync_ascent`` as in :class:`lightning_sam.SAMCallback`; ``gradient_clip_val`` /
-        ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``) clip the unscaled descent gradient.
+        ``sync_ascent``, ``interval`` and ``params`` as in :class:`lightning_sam.SAMCallback`;
+        ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``) clip the unscaled descent
+        gradient.
         """
         name = variant_class(variant).name
         make_variant(name, rho=rho, **variant_options)
         validate_clipping(gradient_clip_val, gradient_clip_algorithm)
+        validate_schedule(interval, params)
         self._sam_config = {
             "variant": name,
             "rho": rho,
             "options": dict(variant_options),
             "sync_ascent": bool(sync_ascent),
+            "interval": interval,
+            "params": params,
             "clip_val": gradient_clip_val,
             "clip_algorithm": gradient_clip_algorithm,
         }
@@ -119,7 +131,15 @@ class SAMMixin:
         options = dict(config["options"])
         if trainer is not None:
             options = {**trainer_defaults(trainer, config["variant"], options), **options}
-        engine = SAMEngine.from_optimizer(raw, self, config["variant"], config["rho"], **options)  # type: ignore[arg-type]
+        engine = SAMEngine.from_optimizer(
+            raw,
+            self,  # type: ignore[arg-type]
+            config["variant"],
+            config["rho"],
+            select=config.get("params"),
+            interval=config.get("interval", 1),
+            **options,
+        )
         engine.set_all_reduce(all_reduce_sum_)
         return engine
 

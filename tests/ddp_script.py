@@ -124,6 +124,10 @@ def main(mode: str, out_dir: str) -> None:
         callbacks.append(SAMCallback("sam"))
     elif mode in ("fsam", "xsam"):
         callbacks.append(SAMCallback(mode))
+    elif mode == "looksam":
+        callbacks.append(SAMCallback("looksam", k=2))
+    elif mode == "interval":
+        callbacks.append(SAMCallback("sam", interval=2))
     elif mode == "fsam_ckpt":
         from lightning.pytorch.callbacks import ModelCheckpoint
 

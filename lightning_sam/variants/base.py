@@ -91,6 +91,10 @@ class Variant(ABC):
         """Optionally replace the descent gradient ``step.grads`` (pass-2 gradients) in place. Identity here."""
         return None
 
+    def plain_step_(self, step: StepTensors) -> None:
+        """On a step without pass 2: optionally change the descent gradient ``step.grads`` (pass 1's) in place."""
+        return None
+
     @property
     def ascent_steps(self) -> int:
         """Ascent passes per step (1; multi-step variants ascend again after each extra pass)."""

@@ -85,6 +85,7 @@ class XSAM(Variant):
         self.alpha = float(alpha)
         self.grid = [i * self.alpha_step for i in range(math.floor(self.alpha_max / self.alpha_step + 1e-9) + 1)]
         self.searches = 0
+        self._next_search = 0
         self.last_probe_losses: Tensor | None = None
 
     @classmethod
@@ -103,11 +104,13 @@ class XSAM(Variant):
 
     # ------------------------------------------------------------------ descent
     def search_due(self, step_index: int) -> bool:
+        """A search is due at step 0 and every ``alpha_every`` steps; one that falls on a step without pass 2
+        (``interval > 1``) runs at the next step that has one."""
         if self.alpha_every == 0:
             return False
         if self.alpha_every is None:
-            return step_index == 0
-        return step_index % self.alpha_every == 0
+            return self.searches == 0
+        return step_index >= self._next_search
 
     @staticmethod
     def _weights(alpha: float, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,6 +173,8 @@ class XSAM(Variant):
         self.last_probe_losses = probe
         self.alpha = self.grid[int(torch.argmax(probe).item())]  # first argmax; one sync per search
         self.searches += 1
+        if self.alpha_every:
+            self._next_search = (step.step // self.alpha_every + 1) * self.alpha_every
         torch._foreach_copy_(step.params, v0)
         if step.evaluate_clobbers_grads:
             torch._foreach_copy_(step.grads, v1)
@@ -179,11 +184,12 @@ class XSAM(Variant):
         return {"sam/xsam_alpha": torch.tensor(self.alpha)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "searches": self.searches}
+        return {"alpha": self.alpha, "searches": self.searches, "next_search": self._next_search}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.alpha = float(state["alpha"])
         self.searches = int(state.get("searches", 0))
+        self._next_search = int(state.get("next_search", 0))
 
     def extra_repr(self) -> str:
         return f"rho={self.rho}, steps={self.steps}, rho_max={self.rho_max}, alpha={self.alpha}"

@@ -1,0 +1,112 @@
+"""LookSAM (Liu et al., CVPR 2022): SAM's second pass only every ``k`` steps, its effect reused in between.
+
+On steps ``t % k == 0`` a SAM step runs, and the component of the adversarial gradient orthogonal to the
+pass-1 gradient is kept::
+
+    e = rho * g / (||g|| + eps);   g_s = grad L(w + e)                        descent gradient = g_s
+    g_v = g_s - (<g_s, g> / (||g||^2 + 1e-12)) * g
+
+On the other steps there is one pass only, and the descent gradient is::
+
+    g + alpha * (||g|| / (||g_v|| + 1e-12)) * g_v
+
+Global vectors, norms in fp32. Defaults ``rho = 0.05``, ``k = 5``, ``alpha = 0.7``. State: ``g_v`` (one
+parameter-sized buffer, fp32, checkpointed by parameter name). Under DDP with a local pass 1, ``g`` differs per
+rank while ``g_v`` enters later descents, so on SAM steps ``g`` is summed over ranks first (the projection is
+invariant to the scale of ``g``): one extra all-reduce every ``k`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sam.tensor_ops import global_norm
+from lightning_sam.variants.base import StepTensors, Variant
+
+TINY = 1e-12
+
+
+class LookSAM(Variant):
+    """LookSAM; see the module docstring.
+
+    Args:
+        rho: SAM radius on the ``k``-th steps (default 0.05).
+        k: a SAM step every ``k`` optimizer steps (default 5).
+        alpha: weight of the reused ``g_v`` on the other steps (default 0.7, >= 0).
+    """
+
+    name = "looksam"
+    default_rho = 0.05
+
+    def __init__(self, rho: float | None = None, k: int = 5, alpha: float = 0.7) -> None:
+        super().__init__(rho)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"looksam: k must be an integer >= 1, got {k!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"looksam: alpha must be a finite number >= 0, got {alpha!r}")
+        self.k, self.alpha = k, float(alpha)
+        self._names: list[str] = []
+        self._params: list[Tensor] = []
+        self._gv: dict[str, Tensor] = {}  # g on a SAM step until pass 2, then g_v
+        self._have_gv = False
+
+    def bind(self, names: list[str], params: list[Tensor]) -> None:
+        self._names, self._params = list(names), list(params)
+
+    def _buffers(self, names: list[str]) -> list[Tensor]:
+        for name, p in zip(self._names, self._params):
+            if name not in self._gv:
+                self._gv[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return [self._gv[name] for name in names]
+
+    def needs_second_pass(self, step_index: int) -> bool:
+        return step_index % self.k == 0
+
+    def direction_(self, step: StepTensors) -> Tensor:
+        buffers = self._buffers(step.names)
+        torch._foreach_copy_(buffers, step.grads)  # keep g for the projection after pass 2
+        return global_norm(step.grads)
+
+    def descent_(self, step: StepTensors) -> None:
+        g = self._buffers(step.names)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flat = torch.cat([t.reshape(-1) for t in g])
+            self.all_reduce_sum_(flat)  # g_v must agree on every rank; the projection ignores the sum's scale
+            for t, part in zip(g, torch.split(flat, [t.numel() for t in g])):
+                t.copy_(part.reshape(t.shape))
+        g_s = [x.float() if x.dtype != torch.float32 else x for x in step.grads]
+        dot = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g_s, g)]).sum()
+        norm_sq = global_norm(g) ** 2
+        torch._foreach_mul_(g, -dot / (norm_sq + TINY))
+        torch._foreach_add_(g, g_s)  # g_v = g_s - (<g_s, g> / ||g||^2) g
+        self._have_gv = True
+
+    def plain_step_(self, step: StepTensors) -> None:
+        if not self._have_gv:
+            return  # no SAM step yet (e.g. resumed without state): a plain step
+        g_v = self._buffers(step.names)
+        coefficient = self.alpha * global_norm(step.grads) / (global_norm(g_v) + TINY)
+        if all(g.dtype == torch.float32 for g in step.grads):
+            torch._foreach_addcmul_(step.grads, g_v, [coefficient] * len(g_v))
+        else:
+            for grad, v in zip(step.grads, g_v):
+                grad.add_((coefficient * v).to(grad.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"have_gv": self._have_gv, "g_v": {name: t.detach().cpu() for name, t in self._gv.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._have_gv = bool(state.get("have_gv", False))
+        by_name = dict(zip(self._names, self._params))
+        self._gv = {
+            name: t.to(device=by_name[name].device, dtype=torch.float32).clone()
+            for name, t in state.get("g_v", {}).items()
+            if name in by_name
+        }
+
+    def extra_repr(self) -> str:
+        return f"rho={self.rho}, k={self.k}, alpha={self.alpha}"
