@@ -414,3 +414,41 @@ def reference_bar_run(
                 scheduler.step()
             t += 1
     return decisions
+
+
+# ---------------------------------------------------------------------------------------------------- LookSAM
+def reference_looksam_run(model, batches, optimizer, rho=0.05, k=5, alpha=0.7):
+    """LookSAM from its definition: a SAM step every k steps keeping g_v, the reuse in between."""
+    g_v = None
+    for step, batch in enumerate(batches):
+        loss_of = cross_entropy_of_batch(batch)
+        optimizer.zero_grad()
+        loss_of(model).backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        g = [p.grad.detach().clone() for p in params]
+        if step % k == 0:
+            originals = [p.detach().clone() for p in params]
+            perturbation = sam_perturbation(params, g, rho)
+            with torch.no_grad():
+                for p, e in zip(params, perturbation):
+                    p.add_(e)
+            optimizer.zero_grad()
+            loss_of(model).backward()
+            g_s = [p.grad.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, original in zip(params, originals):
+                    p.copy_(original)
+            dot = sum((a * b).sum() for a, b in zip(g_s, g))
+            norm_sq = l2_norm(g) ** 2
+            g_v = [s - (dot / (norm_sq + 1e-12)) * x for s, x in zip(g_s, g)]
+        elif g_v is not None:
+            coefficient = alpha * l2_norm(g) / (l2_norm(g_v) + 1e-12)
+            for p, x, v in zip(params, g, g_v):
+                p.grad = x + coefficient * v
+        optimizer.step()
+    return model
+
+
+def cross_entropy_of_batch(batch):
+    x, y = batch
+    return lambda model: F.cross_entropy(model(x), y)

@@ -11,6 +11,7 @@ from typing import Any
 from lightning_sam.variants.bar import BAR
 from lightning_sam.variants.base import StepTensors, Variant
 from lightning_sam.variants.fsam import FSAM
+from lightning_sam.variants.looksam import LookSAM
 from lightning_sam.variants.sam import ASAM, SAM
 from lightning_sam.variants.ssam import SSAM
 from lightning_sam.variants.xsam import XSAM
@@ -22,6 +23,7 @@ _REGISTRY: dict[str, type[Variant]] = {
     "fsam": FSAM,
     "bar": BAR,
     "xsam": XSAM,
+    "looksam": LookSAM,
 }
 
 
