@@ -83,6 +83,18 @@ NORM_LAYERS: tuple[type[torch.nn.Module], ...] = (
 )
 
 
+def _unwrap(module: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The user's module inside DDP / Fabric / torch.compile wrappers, so parameter names do not depend on them."""
+    while module is not None:
+        inner = getattr(module, "_original_module", None) or getattr(module, "_orig_mod", None)
+        if inner is None and isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            inner = module.module
+        if inner is None or inner is module:
+            return module
+        module = inner
+    return module
+
+
 def _selection(select: str | Callable[[str, Tensor], bool] | None, module: torch.nn.Module | None) -> set[int] | None:
     """The ids of the parameters ``select`` picks (None: all)."""
     if select is None:
@@ -170,6 +182,7 @@ class SAMEngine:
         (and the gradient norm) to some parameters: ``"norm"`` for those of normalization layers (SAM-ON,
         Mueller et al. 2023) or a callable ``(name, parameter) -> bool``; the others get a plain optimizer step.
         """
+        module = _unwrap(module)
         names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
         chosen = _selection(select, module)
         groups: list[dict[str, Any]] = []

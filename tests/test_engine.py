@@ -252,3 +252,10 @@ def test_step_without_any_gradient_runs_no_second_pass():
 
     engine.step(closure)
     assert calls == [1] and engine.step_count == 1 and not engine.is_perturbed
+
+
+def test_from_optimizer_names_ignore_compile_wrappers():
+    net = make_mlp()
+    compiled = torch.compile(net, backend="aot_eager")
+    optimizer = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    assert SAMEngine.from_optimizer(optimizer, compiled).names == [n for n, _ in net.named_parameters()]

@@ -1,0 +1,156 @@
+"""SAM in a Lightning Fabric training loop, with ``SAMEngine`` (no Trainer, no callback).
+
+A small MLP on scikit-learn's bundled 8x8 digits (no download), trained with SGD + SAM (or ASAM). Runs on CPU in under
+a minute; ``--devices 2`` runs 2-process DDP (gloo) with each rank ascending with its own gradient, as
+``SAMCallback`` does by default.
+
+One step::
+
+    with fabric.no_backward_sync(model, enabled=local):   # DDP: pass 1 stays local (forward AND backward inside)
+        fabric.backward(loss_fn(model(x), y))             # pass 1 -> g
+    engine.ascend()                                       # save w, w <- w + e
+    optimizer.zero_grad()
+    fabric.backward(loss_fn(model(x), y))                 # pass 2 at w + e -> g_adv (all-reduced under DDP)
+    engine.descend()                                      # w <- saved w (bit-exact copy back)
+    optimizer.step()
+
+Run::
+
+    python examples/fabric_sam.py                              # 1 process, 32-true, SAM rho=0.05
+    python examples/fabric_sam.py --precision bf16-mixed
+    python examples/fabric_sam.py --devices 2                  # DDP, local pass 1 (m-sharpness)
+    python examples/fabric_sam.py --devices 2 --sync-ascent    # DDP, pass 1 all-reduced too (global SAM)
+    python examples/fabric_sam.py --variant asam --rho 0.5
+    python examples/fabric_sam.py --quick                      # 1 epoch, a smoke test
+
+See docs/fabric.md for what is tested and the limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sam import SAMEngine
+from lightning_sam.distributed import all_reduce_sum_
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes (2 or more: DDP with gloo)")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--variant", default="sam", choices=["sam", "asam"])
+    parser.add_argument("--rho", type=float, default=None, help="neighbourhood radius (default: the variant's)")
+    parser.add_argument("--sync-ascent", action="store_true", help="DDP: all-reduce pass 1 too (global SAM)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="1 epoch")
+    return parser.parse_args(argv)
+
+
+def digits(seed: int) -> tuple[TensorDataset, TensorDataset]:
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    scaler = StandardScaler().fit(x_train)
+    x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+
+    def as_dataset(features: Any, labels: Any) -> TensorDataset:
+        return TensorDataset(torch.tensor(features, dtype=torch.float32), torch.tensor(labels, dtype=torch.long))
+
+    return as_dataset(x_train, y_train), as_dataset(x_test, y_test)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate; returns ``{"steps", "test_acc", "sharpness", "seconds"}`` (on every rank)."""
+    args = parse_args(argv)
+    epochs = 1 if args.quick else args.epochs
+    fabric = Fabric(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        precision=args.precision,
+    )
+    fabric.launch()  # with --devices 2, starts the second process (it re-runs this script)
+    fabric.seed_everything(args.seed)
+    train_set, test_set = digits(args.seed)
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    model, optimizer = fabric.setup(model, optimizer)
+    # model.module is the plain nn.Module: its parameter names key the variant's state (the same with and without DDP)
+    engine = SAMEngine.from_optimizer(optimizer, model.module, args.variant, args.rho)
+    engine.set_all_reduce(all_reduce_sum_)  # for variants whose state every rank must agree on (no-op for SAM/ASAM)
+    train_loader, test_loader = fabric.setup_dataloaders(
+        DataLoader(train_set, batch_size=args.batch_size, shuffle=True),  # under DDP: a DistributedSampler
+        DataLoader(test_set, batch_size=256),
+        use_distributed_sampler=True,
+    )
+    distributed = fabric.world_size > 1
+
+    started = time.perf_counter()
+    sharpness = torch.zeros(())
+    steps = 0
+    for epoch in range(epochs):
+        model.train()
+        loss_sum, sharp_sum, batches = torch.zeros(()), torch.zeros(()), 0
+        for x, y in train_loader:
+            two_pass = engine.needs_second_pass()  # decide before pass 1: a step without pass 2 must all-reduce it
+            local = distributed and two_pass and not args.sync_ascent
+            optimizer.zero_grad()
+            # DDP decides in forward whether the coming backward all-reduces: the forward must be inside the context
+            with fabric.no_backward_sync(model, enabled=local):
+                loss1 = F.cross_entropy(model(x), y)
+                fabric.backward(loss1)
+            if two_pass and engine.ascend() is not None:
+                try:
+                    optimizer.zero_grad()
+                    loss2 = F.cross_entropy(model(x), y)  # at w + e
+                    fabric.backward(loss2)  # all-reduced under DDP: every rank descends with the same gradient
+                    engine.descend()
+                finally:
+                    engine.restore()  # never leave the weights perturbed (no-op after descend)
+                sharp_sum += (loss2 - loss1).detach()
+            else:
+                engine.plain_step()
+            engine.before_optimizer_step(optimizer)
+            optimizer.step()
+            loss_sum += loss1.detach()
+            batches += 1
+            steps += 1
+        sharpness = sharp_sum / max(batches, 1)
+        test_acc = evaluate(fabric, model, test_loader)
+        fabric.print(
+            f"epoch {epoch + 1:3d}  train loss {(loss_sum / max(batches, 1)).item():.4f}  "
+            f"sharpness {sharpness.item():+.4f}  test acc {test_acc:.4f}"
+        )
+    seconds = time.perf_counter() - started
+    run = f"{args.variant}, {args.precision}, {fabric.world_size} process(es)"
+    fabric.print(f"{steps} steps per process in {seconds:.1f} s ({run})")
+    return {"steps": steps, "test_acc": test_acc, "sharpness": float(sharpness), "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(fabric: Fabric, model: nn.Module, loader: DataLoader) -> float:
+    """Accuracy over the whole test set (each rank scores its shard; the counts are summed over ranks)."""
+    model.eval()
+    counts = torch.zeros(2)
+    for x, y in loader:
+        counts += torch.tensor([(model(x).argmax(-1) == y).sum().item(), y.numel()], dtype=torch.float32)
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    return float(counts[0] / counts[1])
+
+
+if __name__ == "__main__":
+    main()
