@@ -13,6 +13,24 @@ lightning_sam         the same with ``callbacks=[SAMCallback("sam")]``
 lightning_asam        the same with ``callbacks=[SAMCallback("asam")]``
 ====================  =====================================================================================
 
+Optional rows (not in the default run; select them with ``--methods``, or ``--methods all``):
+
+====================  =====================================================================================
+engine_ssam           ``SAMEngine(variant="ssam")`` with its defaults (Fisher mask, sparsity 0.5), the mask built
+                      before the timed steps (outside the timing, once per run); its refresh period is set past
+                      the run, so every timed step is a steady-state SSAM step (refresh cost:
+                      ``bench/ssam_memory.py``)
+engine_fsam           ``SAMEngine(variant="fsam")`` with its defaults
+lightning_ssam        ``SAMCallback("ssam")`` with its defaults: the callback refreshes the mask once per epoch
+                      and here one fit is one epoch, so its only Fisher pass (128 samples) runs in the first
+                      steps, which are warm-up steps as long as ``--warmup`` covers them (>= 2 for the CNN's
+                      batch of 64, >= 1 for the MLP's 128)
+lightning_fsam        ``SAMCallback("fsam")`` with its defaults
+====================  =====================================================================================
+
+(``--breakdown lightning_ssam`` runs without warm-up steps, so its mean includes that Fisher pass, in
+``SAMCallback.on_train_batch_start``.)
+
 Lightning steps are timed by a callback (first in the callback list) from ``on_train_batch_start`` to
 ``on_train_batch_end`` ("window": training_step, backward, SAM's pass 2 in ``on_before_optimizer_step``,
 ``optimizer.step``, zero_grad). The "cycle" (``on_train_batch_start`` to the next one) also includes the data
@@ -46,6 +64,7 @@ Usage::
     python bench/step_overhead.py --device cuda --json out.json
     python bench/step_overhead.py --profile lightning_sam --models cnn   # cProfile of the callback's step
     python bench/step_overhead.py --breakdown lightning_sam --steps 100  # ms/step in each SAM phase
+    python bench/step_overhead.py --methods all                    # + the ssam and fsam rows
 """
 
 from __future__ import annotations
@@ -73,8 +92,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sam import SAMCallback, SAMEngine
+from lightning_sam.batches import batchnorm_in_eval
 
-METHODS = [
+BASE_METHODS = [
     "plain",
     "floor2",
     "engine_sam",
@@ -83,7 +103,11 @@ METHODS = [
     "lightning_sam",
     "lightning_asam",
 ]
+EXTRA_VARIANTS = ["ssam", "fsam"]  # optional rows: engine_<variant>, lightning_<variant>
+EXTRA_METHODS = [f"{kind}_{v}" for v in EXTRA_VARIANTS for kind in ("engine", "lightning")]
+METHODS = BASE_METHODS + EXTRA_METHODS  # every known row, in table order
 LR = 0.01
+NEVER = 10**9  # a refresh period longer than any run
 
 # ---------------------------------------------------------------------------------------------------- models
 
@@ -188,6 +212,27 @@ class RunResult:
     peak_mb: float | None = None
 
 
+def build_fisher_mask(engine: SAMEngine, model: nn.Module, batch: tuple[Tensor, Tensor]) -> int:
+    """Feed SSAM's Fisher from ``batch`` (repeatedly if it is smaller than ``num_samples``) until the mask exists.
+
+    Runs as the callback's Fisher passes do (BatchNorm on its running statistics). Returns the passes made.
+    """
+    x, y = batch
+    calls = 0
+    with batchnorm_in_eval(model):
+        while not engine.needs_second_pass():  # (at step 0 a finished refresh would start the next one)
+            if not engine.collect_samples(lambda i, j: F.cross_entropy(model(x[i:j]), y[i:j]), x.shape[0]):
+                raise RuntimeError("the Fisher mask was not built")
+            calls += 1
+    return calls
+
+
+def make_engine(model: nn.Module, variant: str, **options: Any) -> SAMEngine:
+    if variant == "ssam":
+        options.setdefault("mask_every", NEVER)  # steady-state steps only: no refresh inside a run
+    return SAMEngine(model.named_parameters(), variant=variant, **options)
+
+
 def plain_loop_step(method: str, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Callable[[], None]:
     """One training step of ``method`` as a closure over a fresh optimizer (and engine)."""
     x, y = batch
@@ -213,7 +258,9 @@ def plain_loop_step(method: str, model: nn.Module, batch: tuple[Tensor, Tensor])
             optimizer.step()
 
     elif method.startswith("engine_"):
-        engine = SAMEngine(model.named_parameters(), variant=method.removeprefix("engine_"))
+        engine = make_engine(model, method.removeprefix("engine_"))
+        if engine.samples_needed():  # SSAM: the mask exists before the first (warm-up) step
+            build_fisher_mask(engine, model, batch)
 
         def step() -> None:
             optimizer.zero_grad()
@@ -383,6 +430,14 @@ def ratios(s: dict[str, dict[str, Any]], clock: str) -> dict[str, float]:
         out[f"{m}/floor2"] = v(m) / v("floor2")
         out[f"{m}/lightning_plain"] = v(m) / v("lightning_plain")
         out[f"{m}/(lightning_plain+floor2-plain)"] = v(m) / (v("lightning_plain") + extra_pass)
+    for variant in EXTRA_VARIANTS:  # optional rows, when they ran
+        e, m = f"engine_{variant}", f"lightning_{variant}"
+        if e in s:
+            out[f"{e}/floor2"] = v(e) / v("floor2")
+            out[f"{e}/engine_sam"] = v(e) / v("engine_sam")
+        if m in s:
+            out[f"{m}/(lightning_plain+floor2-plain)"] = v(m) / (v("lightning_plain") + extra_pass)
+            out[f"{m}/lightning_sam"] = v(m) / v("lightning_sam")
     return out
 
 
@@ -402,12 +457,13 @@ def print_tables(results: dict[str, dict[str, Any]], device: torch.device) -> No
     entry = {x: results[x]["methods"] for x in models}
     header = ["method"] + [f"{x} {c} ms" for x in models for c in clocks_shown]
     print("\nms/step: median of the per-run medians (min..max of the per-run medians); cpu = process CPU time\n")
-    rows = [[m] + [fmt_ms(entry[x][m][c]) for x in models for c in clocks_shown] for m in METHODS]
+    shown = [m for m in METHODS if m in entry[models[0]]]
+    rows = [[m] + [fmt_ms(entry[x][m][c]) for x in models for c in clocks_shown] for m in shown]
     print(md_table(header, rows))
     print("\nLightning cycle (on_train_batch_start to the next one: adds data fetch and end-of-batch logging), ms\n")
     rows = [
         [m] + [fmt_ms(entry[x][m][f"cycle_{c}"]) for x in models for c in clocks_shown]
-        for m in METHODS
+        for m in shown
         if m.startswith("lightning_")
     ]
     print(md_table(header, rows))
@@ -421,7 +477,7 @@ def print_tables(results: dict[str, dict[str, Any]], device: torch.device) -> No
     print()
     if device.type == "cuda":
         print("Peak CUDA memory (torch.cuda.max_memory_allocated), MiB\n")
-        print(md_table(["method", *models], [[m] + [f"{entry[x][m]['peak_mb']:.1f}" for x in models] for m in METHODS]))
+        print(md_table(["method", *models], [[m] + [f"{entry[x][m]['peak_mb']:.1f}" for x in models] for m in shown]))
     else:
         sizes = ", ".join(f"{x} {results[x]['param_mb']:.2f} MiB" for x in models)
         print("Memory: CPU run, time only (no per-run peak for torch tensors on CPU). SAMEngine's persistent")
@@ -545,7 +601,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5, help="runs per method, interleaved (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--models", default="cnn,mlp", help="comma-separated subset of: " + ",".join(MODELS))
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (ratios need all)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(BASE_METHODS),
+        help="comma-separated subset of: "
+        + ",".join(METHODS)
+        + "; or 'all' (default: all but the optional "
+        + ",".join(EXTRA_METHODS)
+        + "; ratios need every default row)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, see module doc)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--profile", metavar="METHOD", help="instead of timing, cProfile METHOD's steps and exit")
@@ -562,7 +626,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sys.exit("--device cuda: CUDA is not available")
         torch.backends.cudnn.benchmark = True
     models = [MODELS[m] for m in args.models.split(",")]
-    methods = [m for m in args.methods.split(",") if m]
+    methods = METHODS if args.methods == "all" else [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         sys.exit(f"unknown methods {unknown}; known: {METHODS}")
@@ -611,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "param_mb": param_megabytes(make_model(spec, device)),
             "methods": summary,
         }
-        if set(METHODS) <= set(methods):
+        if set(BASE_METHODS) <= set(methods):
             shown = ("wall", "cpu") if device.type == "cpu" else ("wall",)
             results[spec.name]["ratios"] = {c: ratios(summary, c) for c in shown}
     elapsed = time.perf_counter() - t_start

@@ -7,6 +7,8 @@ A quick, self-contained first look at ``lightning_sam``: no downloads, about 30 
 * Model: a small MLP as an ordinary LightningModule (automatic optimization, SGD with momentum, cosine schedule).
 * Runs: the same model, seeds, data order and epochs, trained with plain SGD, then with
   ``SAMCallback(variant="sam")`` (and, unless ``--methods`` says otherwise, ``SAMCallback(variant="asam")``).
+  ``--methods`` also offers ``ssam`` (``SAMCallback("ssam", rho=--rho, sparsity=--ssam-sparsity)``: sparse SAM with
+  its default Fisher mask, refreshed every epoch) and ``fsam`` (``SAMCallback("fsam", rho=--rho)``: Friendly SAM).
   The only difference between the runs is the callback in the Trainer.
 
 Prints a table of final and best test accuracy per method and writes a plot of test accuracy (and of training
@@ -23,6 +25,7 @@ Run::
     python examples/digits_label_noise.py                  # defaults: 35% noise, 60 epochs, SAM rho=0.05
     python examples/digits_label_noise.py --quick          # 2 epochs, a smoke test
     python examples/digits_label_noise.py --noise 0.4 --rho 0.1 --seed 1
+    python examples/digits_label_noise.py --methods sgd sam asam ssam fsam   # every method (about twice as long)
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ from matplotlib.ticker import MaxNLocator
 
 NUM_CLASSES = 10
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "digits_label_noise.png"
-METHODS = ("sgd", "sam", "asam")
+METHODS = ("sgd", "sam", "asam", "ssam", "fsam")
+DEFAULT_METHODS = ("sgd", "sam", "asam")  # the quick default; ssam and fsam via --methods
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -188,12 +192,29 @@ class RunResult:
         return int(np.argmax(self.test_acc)) + 1
 
 
-def method_label(method: str, rho: float | None, asam_rho: float) -> str:
+def method_label(method: str, args: argparse.Namespace) -> str:
     if method == "sgd":
         return "SGD"
     if method == "sam":
-        return f"SGD+SAM ρ={rho}"
-    return f"SGD+ASAM ρ={asam_rho}"
+        return f"SGD+SAM ρ={args.rho}"
+    if method == "asam":
+        return f"SGD+ASAM ρ={args.asam_rho}"
+    if method == "ssam":
+        return f"SGD+SSAM ρ={args.rho} s={args.ssam_sparsity}"
+    return f"SGD+F-SAM ρ={args.rho}"
+
+
+def sam_callback(method: str, args: argparse.Namespace) -> SAMCallback | None:
+    """The only thing that differs between the runs: the callback (None for plain SGD)."""
+    if method == "sam":
+        return SAMCallback(variant="sam", rho=args.rho)
+    if method == "asam":
+        return SAMCallback(variant="asam", rho=args.asam_rho)
+    if method == "ssam":  # Fisher mask (default) from 128 training samples, refreshed every epoch
+        return SAMCallback(variant="ssam", rho=args.rho, sparsity=args.ssam_sparsity)
+    if method == "fsam":
+        return SAMCallback(variant="fsam", rho=args.rho)
+    return None
 
 
 def train_one(method: str, data: DigitsData, args: argparse.Namespace, show_progress: bool) -> RunResult:
@@ -206,10 +227,9 @@ def train_one(method: str, data: DigitsData, args: argparse.Namespace, show_prog
     test_loader = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=512)
 
     callbacks: list[L.Callback] = []
-    if method == "sam":
-        callbacks.append(SAMCallback(variant="sam", rho=args.rho))
-    elif method == "asam":
-        callbacks.append(SAMCallback(variant="asam", rho=args.asam_rho))
+    sam = sam_callback(method, args)
+    if sam is not None:
+        callbacks.append(sam)
     if show_progress:
         callbacks.append(RichProgressBar())
 
@@ -225,7 +245,7 @@ def train_one(method: str, data: DigitsData, args: argparse.Namespace, show_prog
         num_sanity_val_steps=0,
         deterministic=True,
     )
-    result = RunResult(method, method_label(method, args.rho, args.asam_rho))
+    result = RunResult(method, method_label(method, args))
     start = time.perf_counter()
     trainer.fit(model, train_loader, test_loader)
     result.seconds = time.perf_counter() - start
@@ -303,11 +323,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=60, help="epochs per run (default 60)")
     parser.add_argument("--noise", type=float, default=0.35, help="fraction of training labels flipped (0.35)")
-    parser.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius (default 0.05)")
+    parser.add_argument("--rho", type=float, default=0.05, help="SAM (and SSAM, F-SAM) radius (default 0.05)")
     parser.add_argument("--asam-rho", type=float, default=0.5, help="ASAM neighbourhood radius (default 0.5)")
+    parser.add_argument(
+        "--ssam-sparsity", type=float, default=0.5, help="SSAM: fraction of coordinates NOT perturbed (0.5)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, the label noise and training")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"PNG to write (default {DEFAULT_OUT})")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="runs to compare")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(DEFAULT_METHODS),
+        help=f"runs to compare (default: {' '.join(DEFAULT_METHODS)})",
+    )
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine-annealed (0.05)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width (256)")
@@ -321,6 +350,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--noise must be in [0, 1)")
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    if not 0.0 <= args.ssam_sparsity < 1.0:
+        parser.error("--ssam-sparsity must be in [0, 1)")
     return args
 
 
@@ -354,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     with quiet_lightning():
         for method in args.methods:
-            console.rule(method_label(method, args.rho, args.asam_rho))
+            console.rule(method_label(method, args))
             results.append(train_one(method, data, args, show_progress=not args.no_progress))
 
     print_table(results, data, args, console)

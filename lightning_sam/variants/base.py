@@ -61,7 +61,7 @@ class Variant(ABC):
     name: ClassVar[str] = ""
     default_rho: ClassVar[float] = 0.05
     dense_save: ClassVar[bool] = True  # the engine keeps a full saved copy; False: save_/restore_ do it
-    per_rank_state: ClassVar[bool] = False  # state differs between DDP ranks (checkpointed for every rank)
+    per_rank_state: bool = False  # state differs between DDP ranks (checkpointed for every rank); may be per instance
 
     def __init__(self, rho: float | None = None) -> None:
         rho = self.default_rho if rho is None else rho

@@ -121,6 +121,11 @@ class SSAM(Variant):
         self._fisher_count = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._last_change: Tensor | None = None
+        self._refreshed = False
+        self._completed_at = -1  # the step in which the last Fisher refresh completed
+        self._next_dst = 0  # the first step at or after which the next DST refresh runs
+        # Fisher partial sums differ per rank while a refresh spans steps: checkpoint every rank's
+        self.per_rank_state = mask == "fisher"
         self.fully_perturbed: list[str] = []  # N:M: tensors that cannot take the pattern, perturbed whole
         # per-step buffers, rebuilt at a refresh
         self._device_index: dict[str, Tensor | None] = {}
@@ -159,8 +164,10 @@ class SSAM(Variant):
 
     def save_(self, step: StepTensors) -> None:
         # A DST refresh changes the kept set (and its buffers), so it runs here, before anything is saved.
-        if self.mask == "dst" and self.sparsity > 0 and step.step > 0 and step.step % self.mask_every == 0:
-            self._refresh_dst(step)
+        if self.mask == "dst" and self.sparsity > 0 and step.step >= self._next_dst:
+            if step.step > 0:  # step 0 keeps the random start
+                self._refresh_dst(step)
+            self._next_dst = (step.step // self.mask_every + 1) * self.mask_every
         for name, p in zip(step.names, step.params):
             index, saved = self._device_index[name], self._saved[name]
             if index is None:
@@ -174,7 +181,8 @@ class SSAM(Variant):
             index = self._device_index[name]
             if index is None:
                 p.add_(e)
-                squares.append(e.float().pow(2).sum())
+                flat = e.reshape(-1).float()
+                squares.append(torch.dot(flat, flat))
             elif index.numel():
                 if e.dtype == p.dtype:
                     kept = self._scratch[(p.device, p.dtype)][: index.numel()]
@@ -182,7 +190,8 @@ class SSAM(Variant):
                 else:  # gradients in another dtype than the weights: rare, pays a small allocation
                     kept = e.reshape(-1).index_select(0, index).to(p.dtype)
                 p.reshape(-1).index_add_(0, index, kept)
-                squares.append(kept.float().pow(2).sum())
+                flat = kept.float()
+                squares.append(torch.dot(flat, flat))
         if not squares:
             return torch.zeros((), device=step.params[0].device)
         device = squares[0].device
@@ -200,20 +209,21 @@ class SSAM(Variant):
     def samples_needed(self, step_index: int) -> int:
         if self.mask != "fisher" or (self.sparsity == 0 and self.pattern != "n:m"):
             return 0
-        if self._fisher is None and step_index % self.mask_every != 0:
-            return 0
+        if self._fisher is None and (step_index % self.mask_every != 0 or step_index == self._completed_at):
+            return 0  # not a refresh step, or a refresh already completed in this step (accumulation windows)
         return self.num_samples - self._fisher_count
 
     def add_squared_gradients_(self, squared: list[Tensor], count: int, step_index: int) -> None:
         if count <= 0:
             return
         if self._fisher is None:
-            self._fisher = [s.detach().clone() for s in squared]
+            self._fisher = list(squared)  # fresh buffers from the engine: kept as the running sums
         else:
             torch._foreach_add_(self._fisher, squared)
         self._fisher_count += count
         if self._fisher_count >= self.num_samples:
             fisher, self._fisher, self._fisher_count = self._fisher, None, 0
+            self._completed_at = step_index
             self._refresh_from_scores(self._reduce(fisher))
 
     # ------------------------------------------------------------------ refreshes
@@ -257,6 +267,7 @@ class SSAM(Variant):
             fresh = masks.to_global(new, sizes, torch.device("cpu"))
             changed = fresh.numel() - torch.isin(fresh, old).sum().item()
             self._last_change = torch.tensor(changed / max(1, fresh.numel()))
+        self._refreshed = True
         self._kept = new
         self._device_index, self._saved, scratch_sizes = {}, {}, {}
         for name, p, kept in zip(self._names, self._params, new):
@@ -294,15 +305,22 @@ class SSAM(Variant):
             return {}
         total = sum(p.numel() for p in self._params)
         values = {"sam/mask_density": torch.tensor(self.kept_count() / total)}
-        if self._last_change is not None:  # a refresh completed since the last report
-            values["sam/mask_change"] = self._last_change
+        if self._refreshed:  # a refresh completed since the last report
+            if self._last_change is not None:
+                values["sam/mask_change"] = self._last_change
             values["sam/mask_refresh_seconds"] = torch.tensor(self.refresh_seconds)
             self._last_change = None
+            self._refreshed = False
             self.refresh_seconds = 0.0
         return values
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"generator": self._generator.get_state(), "fisher_count": self._fisher_count}
+        state: dict[str, Any] = {
+            "generator": self._generator.get_state(),
+            "fisher_count": self._fisher_count,
+            "completed_at": self._completed_at,
+            "next_dst": self._next_dst,
+        }
         if self._kept is not None:
             state["kept"] = {
                 name: None if kept is None else kept.to(torch.int32 if p.numel() < 2**31 else torch.long)
@@ -315,6 +333,8 @@ class SSAM(Variant):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._generator.set_state(state["generator"])
         self._fisher_count = int(state.get("fisher_count", 0))
+        self._completed_at = int(state.get("completed_at", -1))
+        self._next_dst = int(state.get("next_dst", 0))
         if "fisher" in state:
             self._fisher = [state["fisher"][name].to(p.device) for name, p in zip(self._names, self._params)]
         else:
@@ -324,6 +344,7 @@ class SSAM(Variant):
             self._kept = None
             self._set_mask(kept)
             self._last_change = None
+            self._refreshed = False
 
     def extra_repr(self) -> str:
         return (

@@ -328,3 +328,40 @@ def test_mixin_with_fisher_mask_matches_reference():
 
     with pytest.raises(RuntimeError, match="sample_loss_fn"):
         quiet_trainer(max_steps=1).fit(Forgetful(make_mlp()), loader)
+
+
+def test_one_fisher_refresh_per_step_under_accumulation_and_its_cost_is_logged():
+    refreshes = []
+
+    class Counting(SAMCallback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            metrics = self.engine.variant.metrics()
+            refreshes.append("sam/mask_refresh_seconds" in metrics)
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    callback = Counting("ssam", num_samples=16, mask_every=2)
+    trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=4, callbacks=[callback])
+    trainer.fit(Classifier(make_mlp()), fixed_loader(n=256, batch_size=16))  # 4 optimizer steps
+    assert refreshes == [True, False, True, False]  # steps 0 and 2 refresh once each, the first one reported too
+
+
+def test_dst_refresh_due_on_a_skipped_step_runs_at_the_next_ascent():
+    batches = list(fixed_loader(n=96, batch_size=16))
+    net = make_mlp()
+    optimizer = make_optimizer("sgd", net.parameters())
+    engine = SAMEngine(
+        net.named_parameters(), "ssam", mask="dst", mask_every=3, total_steps=6, interval=2, sparsity=0.5
+    )
+    masks = []
+    for x, y in batches:
+
+        def closure(x=x, y=y):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        engine.step(closure, optimizer)
+        masks.append(torch.cat([m.reshape(-1) for m in engine.variant.dense_masks().values()]).clone())
+    # steps with an ascent: 0, 2, 4. The refresh due at step 3 (no ascent) runs at step 4.
+    assert torch.equal(masks[0], masks[3]) and not torch.equal(masks[3], masks[4])
