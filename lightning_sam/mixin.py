@@ -174,9 +174,10 @@ class SAMMixin:
             loss_fn: computes the module's loss on the current batch (forward only; called twice).
             optimizer: defaults to ``self.optimizers()`` (there must be one then). With several optimizers, pass
                 the one to step; each gets its own engine (and variant state).
-            sample_loss_fn, batch_size: for variants that need per-sample gradients (SSAM's Fisher mask):
-                ``sample_loss_fn(i, j)`` returns the loss of samples ``i:j`` of the current batch, which has
-                ``batch_size`` samples. It runs with BatchNorm on running statistics and no visible side effects.
+            sample_loss_fn: for variants that need per-sample gradients (SSAM's Fisher mask): returns the loss
+                of samples ``i:j`` of the current batch as ``sample_loss_fn(i, j)``. It runs with BatchNorm on
+                running statistics and no visible side effects.
+            batch_size: the number of samples in the current batch (with ``sample_loss_fn``).
 
         Returns:
             The pass-1 loss, detached.

@@ -52,7 +52,8 @@ class SSAM(Variant):
         sparsity: fraction of coordinates NOT perturbed, in ``[0, 1)`` (default 0.5; ignored by ``"n:m"``).
         mask: ``"fisher"`` (default) or ``"dst"``.
         pattern: ``"unstructured"`` (default), ``"structured"`` or ``"n:m"`` (``dst`` takes ``"unstructured"`` only).
-        n, m: the N:M pattern, ``1 <= n < m`` (default 2 of 4).
+        n: kept weights per group of the N:M pattern, ``1 <= n < m`` (default 2).
+        m: group size of the N:M pattern (default 4).
         num_samples: training samples per Fisher mask (default 128).
         fisher_batch_size: samples per Fisher micro-batch (default 1: exact per-sample gradients).
         mask_every: optimizer steps between refreshes (``None``: 100 in ``SAMEngine``; the callback uses one

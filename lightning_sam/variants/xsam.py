@@ -50,7 +50,8 @@ class XSAM(Variant):
         steps: ascent passes ``k`` (default 1; ``k + 1`` forward/backward passes per step).
         rho_max: radius of the alpha-search probes (default ``2 * rho``).
         alpha: initial interpolation factor (default 1.0, i.e. SAM until the first search).
-        alpha_max, alpha_step: the search grid ``0, alpha_step, ..., alpha_max`` (defaults 2.0 and 0.1).
+        alpha_max: the largest alpha of the search grid (default 2.0).
+        alpha_step: the grid spacing: ``0, alpha_step, ..., alpha_max`` (default 0.1).
         alpha_every: steps between searches (``None``: only at step 0 in ``SAMEngine``; the callback searches on
             the first batch of each epoch). ``0`` disables the search (``alpha`` stays fixed).
     """
