@@ -289,6 +289,9 @@ class SAMCallback(Callback):
         whole = getattr(self.engine.variant, "fully_perturbed", None)
         if whole:
             rank_zero_info(f"SAMCallback: these tensors cannot take the N:M pattern and are perturbed whole: {whole}")
+        message = getattr(self.engine.variant, "setup_message", None)
+        if message:
+            rank_zero_info(f"SAMCallback: {message}")
         self._guard = SecondPassGuard(pl_module)
         self._window = []
 
@@ -478,5 +481,8 @@ class SAMCallback(Callback):
         self._restore()
 
     def __repr__(self) -> str:
-        options = "".join(f", {k}={v!r}" for k, v in self.variant_options.items())
+        options = "".join(
+            f", {k}=<{len(v)} items>" if isinstance(v, (list, tuple)) else f", {k}={v!r}"
+            for k, v in self.variant_options.items()
+        )
         return f"SAMCallback(variant={self.variant!r}, rho={self.rho!r}, sync_ascent={self.sync_ascent}{options})"

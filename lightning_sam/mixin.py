@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sam import amp
@@ -141,6 +142,9 @@ class SAMMixin:
             **options,
         )
         engine.set_all_reduce(all_reduce_sum_)
+        message = getattr(engine.variant, "setup_message", None)
+        if message:
+            rank_zero_info(f"SAMMixin: {message}")
         return engine
 
     # Variant state travels in the checkpoint under this key, one entry per optimizer index. A subclass that

@@ -124,6 +124,8 @@ def main(mode: str, out_dir: str) -> None:
         callbacks.append(SAMCallback("sam"))
     elif mode in ("fsam", "xsam"):
         callbacks.append(SAMCallback(mode))
+    elif mode == "bar":  # the MLP's two weight matrices form a two-factor product W2 @ W1
+        callbacks.append(SAMCallback("bar", pairs=[("net.0.weight", "net.2.weight")], total_steps=5))
     elif mode == "looksam":
         callbacks.append(SAMCallback("looksam", k=2))
     elif mode == "interval":

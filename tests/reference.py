@@ -373,10 +373,8 @@ def reference_bar_rescale(
             decisions.append("alone")
             continue
         c = alpha * lr
-        if rule == "nbar":
-            a_up = grad_a >= grad_b
-        else:
-            a_up = not a.float().norm().item() >= b.float().norm().item()
+        # nBAR: A grows when ||g_A|| >= ||g_B||; oBAR: A grows when ||A|| < ||B||
+        a_up = grad_a >= grad_b if rule == "nbar" else a.float().norm().item() < b.float().norm().item()
         a.mul_(1 + c if a_up else 1 - c)
         b.mul_(1 - c if a_up else 1 + c)
         decisions.append("A up" if a_up else "A down")

@@ -179,7 +179,7 @@ def test_ssam_masks_identical_on_every_rank(tmp_path, mode):
 
 
 @pytest.mark.parametrize(
-    "mode, count", [("fsam", 5), ("xsam", 5), ("xsam_k2", 5), ("looksam", 5), ("interval", 5)]
+    "mode, count", [("fsam", 5), ("xsam", 5), ("xsam_k2", 5), ("looksam", 5), ("interval", 5), ("bar", 5)]
 )
 def test_fsam_and_xsam_keep_ranks_identical(tmp_path, mode, count):
     results = run_ddp(mode, tmp_path)

@@ -291,12 +291,12 @@ class BAR(Variant):
         sign = sign * active
         if skip is not None:
             sign = sign * (1.0 - skip.to(device=group.device, dtype=torch.float32).reshape(()))
-        first = coefficients[0]
-        if not isinstance(first, Tensor) and all(c == first for c in coefficients):
-            scaled = sign * first  # the usual case: one learning rate for every pair, a Python number
-        elif not any(isinstance(c, Tensor) for c in coefficients):
-            scaled = torch.stack(torch._foreach_mul(list(sign.unbind()), coefficients))  # type: ignore[arg-type]
-        else:  # tensor learning rates (e.g. capturable optimizers)
+        if not any(isinstance(c, Tensor) for c in coefficients):  # Python numbers: no host-device copy
+            if all(c == coefficients[0] for c in coefficients):
+                scaled = sign * coefficients[0]  # the usual case: one learning rate for every pair
+            else:
+                scaled = torch.stack(torch._foreach_mul(list(sign.unbind()), coefficients))  # type: ignore[arg-type]
+        else:  # tensor learning rates (e.g. capturable optimizers): stay on the device
             rates = [torch.as_tensor(c, dtype=torch.float32).to(group.device).reshape(()) for c in coefficients]
             scaled = sign * torch.stack(rates)
         factors = torch.cat([1.0 + scaled, 1.0 - scaled])
