@@ -362,18 +362,17 @@ class SAMCallback(Callback):
         if perturbation_norm is None:
             return
         try:
-            for _ascent in range(1, engine.ascent_steps):  # multi-step variants: local passes, ascend again
+            passes = engine.ascent_steps  # k passes at perturbed weights; only the last one all-reduces
+            for index in range(passes):
+                if index:  # multi-step variants ascend again from the previous pass's local gradient
+                    if scaler is not None:  # an overflow here skips the step (the weights are restored anyway)
+                        found = amp.unscale_(_optimizer_grads(optimizer), scaler)
+                        if not amp.handles_unscaling(optimizer):
+                            amp.mark_found_inf(scaler, optimizer, found)
+                    engine.ascend()
                 self._loss2 = None
                 torch._foreach_zero_(_optimizer_grads(optimizer))
-                self._run_second_pass(trainer, pl_module, optimizer, window, sync=False)
-                if scaler is not None:  # an intermediate overflow skips the step (the weights are restored anyway)
-                    found = amp.unscale_(_optimizer_grads(optimizer), scaler)
-                    if not amp.handles_unscaling(optimizer):
-                        amp.mark_found_inf(scaler, optimizer, found)
-                engine.ascend()
-            self._loss2 = None
-            torch._foreach_zero_(_optimizer_grads(optimizer))
-            self._run_second_pass(trainer, pl_module, optimizer, window, sync=True)
+                self._run_second_pass(trainer, pl_module, optimizer, window, sync=index == passes - 1)
             if scaler is not None and not amp.handles_unscaling(optimizer):
                 amp.unscale_second_pass_(scaler, optimizer)
             engine.descend(evaluate=lambda: self._probe_loss(trainer, pl_module, window))
