@@ -471,10 +471,14 @@ def summarize(runs: list[RunResult]) -> dict[str, Any]:
 
 
 def ratios(summary: dict[str, dict[str, Any]], clock: str, steps_per_epoch: int) -> dict[str, float]:
-    """Per-epoch ratios, search cost in steps and the break-even epoch length, for the rows that ran.
+    """Per-epoch ratios, search and descent cost in steps, and the break-even epoch length, for the rows that ran.
 
-    ``xsam/sam per epoch, from medians`` rebuilds the epoch ratio from the median step and search times,
-    ``(N * step_xsam + search) / (N * step_sam)``: less exposed to the odd slow step than the epoch totals.
+    Besides the measured epoch ratios, the XSAM/SAM epoch ratio is rebuilt from the parts that are timed directly
+    (robust to the odd slow step, unlike the epoch totals or the difference of two rows' step medians):
+    ``modelled = 1 + descent / step_sam + search / (N * step_sam)`` with ``descent`` the median ``XSAM.descent_``
+    of a step without search, ``search`` the median search and ``N`` the steps per epoch. The break-even epoch
+    length for <= 1.02x is ``N* = search / (0.02 * step_sam - descent)`` (inf when the per-step work alone
+    exceeds 2%).
     """
 
     def v(method: str, what: str) -> float | None:
@@ -498,14 +502,13 @@ def ratios(summary: dict[str, dict[str, Any]], clock: str, steps_per_epoch: int)
             search, step = v(f"{kind}_{key}", "search"), v(f"{kind}_{key}", "step")
             if search and step:
                 out[f"{kind}: {key} search/step"] = search / step
-        descent = v(f"{kind}_xsam_fixed", "descent")
+        search, descent = v(f"{kind}_xsam", "search"), v(f"{kind}_xsam", "descent")
         if descent and sam_step:
-            out[f"{kind}: xsam_fixed descent_/step_sam"] = descent / sam_step
-        search, step = v(f"{kind}_xsam", "search"), v(f"{kind}_xsam", "step")
-        if search and step and sam_step:
+            out[f"{kind}: xsam descent_/step_sam"] = descent / sam_step
+        if search and descent and sam_step:
             n = steps_per_epoch
-            out[f"{kind}: xsam/sam per epoch, from medians"] = (n * step + search) / (n * sam_step)
-            margin = 1.02 * sam_step - step
+            out[f"{kind}: xsam/sam per epoch, modelled"] = 1 + descent / sam_step + search / (n * sam_step)
+            margin = 0.02 * sam_step - descent
             out[f"{kind}: steps/epoch for xsam <= 1.02x sam"] = search / margin if margin > 0 else float("inf")
     return out
 
@@ -529,7 +532,7 @@ def print_tables(results: dict[str, dict[str, Any]], methods: list[str], device:
         summary = entry["methods"]
         print(f"\n{name}: {entry['description']}; ms, median over runs (min..max of the run medians)\n")
         header = ["method"] + [f"{what} {c}" for what in COLUMNS for c in shown]
-        rows = [[m] + [fmt(summary[m][f"{what}_{c}"]) for what in COLUMNS for c in shown] for m in methods]
+        rows = [[m] + [fmt(summary[m].get(f"{what}_{c}")) for what in COLUMNS for c in shown] for m in methods]
         print(md_table(header, rows))
         alphas = {m: sorted({round(a, 2) for a in summary[m]["alphas"]}) for m in methods if summary[m]["alphas"]}
         if alphas:
@@ -538,6 +541,21 @@ def print_tables(results: dict[str, dict[str, Any]], methods: list[str], device:
         names = list(entry["ratios"][shown[0]])
         rows = [[n, " / ".join(f"{entry['ratios'][c][n]:.3f}" for c in shown)] for n in names]
         print(md_table(["ratio", name], rows))
+
+
+def reprint(path: str) -> dict[str, Any]:
+    """Print the tables of a ``--json`` file again, with the ratios recomputed by this version of the script."""
+    with open(path) as f:
+        saved = json.load(f)
+    env = saved["env"]
+    print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    device = torch.device(env["device"] if env["device"] == "cpu" else "cuda")
+    shown = ("wall", "cpu") if device.type == "cpu" else ("wall",)
+    for entry in saved["results"].values():
+        entry["ratios"] = {c: ratios(entry["methods"], c, env["steps_per_epoch"]) for c in shown}
+    methods = [m for m in METHODS if m in next(iter(saved["results"].values()))["methods"]]
+    print_tables(saved["results"], methods, device)
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -571,7 +589,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--from-json", metavar="PATH", help="re-print the tables of a saved run and exit")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return reprint(args.from_json)
     if args.epochs < 1 or args.steps_per_epoch < 2 or args.repeats < 1 or args.warmup_epochs < 0:
         sys.exit("need --epochs >= 1, --steps-per-epoch >= 2, --repeats >= 1, --warmup-epochs >= 0")
 

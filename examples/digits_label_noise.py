@@ -8,7 +8,10 @@ A quick, self-contained first look at ``lightning_sam``: no downloads, about 30 
 * Runs: the same model, seeds, data order and epochs, trained with plain SGD, then with
   ``SAMCallback(variant="sam")`` (and, unless ``--methods`` says otherwise, ``SAMCallback(variant="asam")``).
   ``--methods`` also offers ``ssam`` (``SAMCallback("ssam", rho=--rho, sparsity=--ssam-sparsity)``: sparse SAM with
-  its default Fisher mask, refreshed every epoch) and ``fsam`` (``SAMCallback("fsam", rho=--rho)``: Friendly SAM).
+  its default Fisher mask, refreshed every epoch) and ``fsam`` (``SAMCallback("fsam", rho=--rho)``: Friendly SAM),
+  and the cheaper or newer ones: ``sam_interval5`` (``SAMCallback("sam", rho=--rho, interval=5)``: a SAM step every
+  5th step, plain SGD steps in between), ``looksam`` (``SAMCallback("looksam", rho=--rho)``, k=5, alpha=0.7) and
+  ``xsam`` (``SAMCallback("xsam", rho=--xsam-rho)``: explicit SAM, its alpha searched on each epoch's first batch).
   The only difference between the runs is the callback in the Trainer.
 
 Prints a table of final and best test accuracy per method and writes a plot of test accuracy (and of training
@@ -25,7 +28,11 @@ Run::
     python examples/digits_label_noise.py                  # defaults: 35% noise, 60 epochs, SAM rho=0.05
     python examples/digits_label_noise.py --quick          # 2 epochs, a smoke test
     python examples/digits_label_noise.py --noise 0.4 --rho 0.1 --seed 1
-    python examples/digits_label_noise.py --methods sgd sam asam ssam fsam   # every method (about twice as long)
+    python examples/digits_label_noise.py --methods sgd sam asam ssam fsam   # about twice as long
+    python examples/digits_label_noise.py --methods sgd sam sam_interval5 looksam xsam
+
+``train_method(method, noise=..., seed=..., epochs=..., **options)`` trains one run without printing anything and
+returns its ``RunResult`` (per-epoch test accuracy, ``.final``, ``.best``); ``bench/generalization.py`` uses it.
 """
 
 from __future__ import annotations
@@ -63,8 +70,9 @@ from matplotlib.ticker import MaxNLocator
 
 NUM_CLASSES = 10
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "digits_label_noise.png"
-METHODS = ("sgd", "sam", "asam", "ssam", "fsam")
-DEFAULT_METHODS = ("sgd", "sam", "asam")  # the quick default; ssam and fsam via --methods
+METHODS = ("sgd", "sam", "asam", "ssam", "fsam", "sam_interval5", "looksam", "xsam")
+DEFAULT_METHODS = ("sgd", "sam", "asam")  # the quick default; the others via --methods
+SAM_INTERVAL = 5  # sam_interval5: SAM on every 5th optimizer step
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -201,7 +209,15 @@ def method_label(method: str, args: argparse.Namespace) -> str:
         return f"SGD+ASAM ρ={args.asam_rho}"
     if method == "ssam":
         return f"SGD+SSAM ρ={args.rho} s={args.ssam_sparsity}"
-    return f"SGD+F-SAM ρ={args.rho}"
+    if method == "fsam":
+        return f"SGD+F-SAM ρ={args.rho}"
+    if method == "sam_interval5":
+        return f"SGD+SAM ρ={args.rho} every {SAM_INTERVAL}th step"
+    if method == "looksam":
+        return f"SGD+LookSAM ρ={args.rho} k=5"
+    if method == "xsam":
+        return f"SGD+XSAM ρ={args.xsam_rho}"
+    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
 
 
 def sam_callback(method: str, args: argparse.Namespace) -> SAMCallback | None:
@@ -214,6 +230,14 @@ def sam_callback(method: str, args: argparse.Namespace) -> SAMCallback | None:
         return SAMCallback(variant="ssam", rho=args.rho, sparsity=args.ssam_sparsity)
     if method == "fsam":
         return SAMCallback(variant="fsam", rho=args.rho)
+    if method == "sam_interval5":
+        return SAMCallback(variant="sam", rho=args.rho, interval=SAM_INTERVAL)
+    if method == "looksam":  # LookSAM's defaults: a SAM step every k=5 steps, alpha=0.7
+        return SAMCallback(variant="looksam", rho=args.rho)
+    if method == "xsam":  # alpha searched on the first batch of each epoch (the callback's default)
+        return SAMCallback(variant="xsam", rho=args.xsam_rho)
+    if method != "sgd":
+        raise ValueError(f"unknown method {method!r}; known: {METHODS}")
     return None
 
 
@@ -325,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.35, help="fraction of training labels flipped (0.35)")
     parser.add_argument("--rho", type=float, default=0.05, help="SAM (and SSAM, F-SAM) radius (default 0.05)")
     parser.add_argument("--asam-rho", type=float, default=0.5, help="ASAM neighbourhood radius (default 0.5)")
+    parser.add_argument("--xsam-rho", type=float, default=0.15, help="XSAM ascent radius (default 0.15, XSAM's)")
     parser.add_argument(
         "--ssam-sparsity", type=float, default=0.5, help="SSAM: fraction of coordinates NOT perturbed (0.5)"
     )
@@ -353,6 +378,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.ssam_sparsity < 1.0:
         parser.error("--ssam-sparsity must be in [0, 1)")
     return args
+
+
+def train_method(
+    method: str, *, noise: float = 0.35, seed: int = 0, epochs: int | None = None, **options: Any
+) -> RunResult:
+    """Train one run quietly (no progress bar, no table, no plot) and return its :class:`RunResult`.
+
+    ``options`` override the command-line defaults by their attribute names (``rho=0.2``, ``asam_rho=1.0``, ``lr``,
+    ``hidden``, ...). The caller sets ``torch.set_num_threads``. Example::
+
+        result = train_method("looksam", noise=0.2, seed=1, epochs=40)
+        result.final, result.best, result.test_acc
+    """
+    args = parse_args(["--noise", str(noise), "--seed", str(seed), "--no-progress"])
+    if epochs is not None:
+        args.epochs = epochs
+    for name, value in options.items():
+        if not hasattr(args, name):
+            raise TypeError(f"train_method: unknown option {name!r}")
+        setattr(args, name, value)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+    data = make_digits(args.noise, args.seed)
+    with quiet_lightning():
+        return train_one(method, data, args, show_progress=False)
 
 
 @contextlib.contextmanager

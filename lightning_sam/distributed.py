@@ -107,9 +107,9 @@ def check_static_graph(trainer: Trainer) -> None:
     )
     if static:
         raise RuntimeError(
-            "SAMCallback with a local pass 1 cannot run under DDP(static_graph=True): DDP's static graph requires "
-            "every iteration to all-reduce. Drop static_graph=True, or pass SAMCallback(..., sync_ascent=True) "
-            "so both passes all-reduce."
+            "SAM with a local pass 1 cannot run under DDP(static_graph=True): DDP's static graph requires every "
+            "iteration to all-reduce. Drop static_graph=True, or pass sync_ascent=True (SAMCallback(..., "
+            "sync_ascent=True) or self.configure_sam(..., sync_ascent=True)) so both passes all-reduce."
         )
 
 

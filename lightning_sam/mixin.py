@@ -31,6 +31,7 @@ from lightning_sam import amp
 from lightning_sam.batches import batchnorm_in_eval
 from lightning_sam.callback import (
     _optimizer_grads,
+    engine_state_for_this_rank,
     grad_scaler_of,
     log_metrics,
     trainer_defaults,
@@ -42,6 +43,7 @@ from lightning_sam.distributed import (
     all_reduce_sum_,
     check_static_graph,
     check_strategy,
+    gather_objects,
     set_gradient_sync,
     world_size,
 )
@@ -110,7 +112,7 @@ class SAMMixin:
             engines[index] = self._sam_setup(raw)
             pending = self.__dict__.get("_sam_pending_state") or {}
             if index in pending:
-                engines[index].load_state_dict(pending.pop(index))
+                engines[index].load_state_dict(engine_state_for_this_rank(pending.pop(index)))
         return engines[index]
 
     def _sam_setup(self, raw: Any) -> SAMEngine:
@@ -153,8 +155,14 @@ class SAMMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         engines = getattr(self, "_sam_engines", {})
-        if engines:
-            checkpoint[self._SAM_CHECKPOINT_KEY] = {i: engine.state_dict() for i, engine in engines.items()}
+        state: dict[int, Any] = {}
+        for i, engine in engines.items():
+            entry = {"engine": engine.state_dict()}
+            if engine.variant.per_rank_state and world_size() > 1:  # every rank calls this hook: gather
+                entry["engine_per_rank"] = gather_objects(entry["engine"])
+            state[i] = entry
+        if state:
+            checkpoint[self._SAM_CHECKPOINT_KEY] = state
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

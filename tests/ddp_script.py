@@ -156,8 +156,13 @@ def main(mode: str, out_dir: str) -> None:
         module = ManualPoisonRankZero(make_mlp())
     if mode.startswith("mixin"):
         module = ManualSAM(make_mlp(), sync_ascent=mode == "mixin_sync")
+    if mode == "mixin_fsam_ckpt":
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        module.configure_sam("fsam")
+        callbacks.append(ModelCheckpoint(dirpath=out_dir, save_last=True, save_top_k=0))
     trainer = quiet_trainer(
-        enable_checkpointing=mode == "fsam_ckpt",
+        enable_checkpointing=mode.endswith("fsam_ckpt"),
         max_epochs=1,
         devices=2,
         strategy=strategy,

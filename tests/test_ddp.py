@@ -201,3 +201,12 @@ def test_fsam_checkpoint_keeps_every_ranks_ema(tmp_path):
     name = next(iter(ema[0][first]))
     # local ascent: each rank averaged its own pass-1 gradients, so the EMAs differ and both are kept
     assert not torch.equal(ema[0][first][name], ema[1][first][name])
+
+
+def test_mixin_fsam_checkpoint_keeps_every_ranks_ema(tmp_path):
+    run_ddp("mixin_fsam_ckpt", tmp_path)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    per_rank = checkpoint["lightning_sam.SAMMixin"][0]["engine_per_rank"]
+    ema = [r["variant_state"]["ema"] for r in per_rank]
+    name = next(iter(ema[0]))
+    assert not torch.equal(ema[0][name], ema[1][name])

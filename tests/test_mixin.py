@@ -82,7 +82,7 @@ def test_mixin_variant_state_is_checkpointed_and_resumed(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     quiet_trainer(max_epochs=2, callbacks=[checkpoint], enable_checkpointing=True).fit(first, loader)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert saved[ManualSAM._SAM_CHECKPOINT_KEY][0]["step"] == 8
+    assert saved[ManualSAM._SAM_CHECKPOINT_KEY][0]["engine"]["step"] == 8
     resumed = ManualSAM(make_mlp(seed=5), "asam")
     quiet_trainer(max_epochs=3).fit(resumed, loader, ckpt_path=tmp_path / "last.ckpt")
     assert resumed.sam_engine.step_count == straight.sam_engine.step_count == 12
