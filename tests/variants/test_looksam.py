@@ -128,3 +128,54 @@ def test_params_filter_selecting_nothing_raises_before_training():
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SAMCallback(**kwargs)
+
+
+def test_interval_with_accumulation_matches_windowed_reference():
+    loader = fixed_loader(n=128, batch_size=16)  # 8 micro-batches, windows of 2: 4 optimizer steps
+    batches = list(loader)
+    net = make_mlp()
+    # steps 0 and 2 are SAM steps on their window, steps 1 and 3 plain steps on the accumulated gradient
+    expected = copy.deepcopy(net)
+    optimizer = make_optimizer("sgd", expected.parameters())
+    for step in range(4):
+        window = batches[2 * step : 2 * step + 2]
+        optimizer.zero_grad()
+        for x, y in window:
+            (F.cross_entropy(expected(x), y) / 2).backward()
+        if step % 2 == 0:
+            params = list(expected.parameters())
+            g = [p.grad.clone() for p in params]
+            norm = torch.sqrt(sum((t**2).sum() for t in g))
+            originals = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, t in zip(params, g):
+                    p.add_(0.05 * t / (norm + 1e-12))
+            optimizer.zero_grad()
+            for x, y in window:
+                (F.cross_entropy(expected(x), y) / 2).backward()
+            with torch.no_grad():
+                for p, o in zip(params, originals):
+                    p.copy_(o)
+        optimizer.step()
+    module = Classifier(copy.deepcopy(net))
+    trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[SAMCallback("sam", interval=2)])
+    trainer.fit(module, loader)
+    assert_close_nets(module.net, expected)
+
+
+def test_interval_under_16_mixed_skips_an_overflowing_plain_step():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    class Poisoned(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("inf") if batch_idx == 1 else loss  # step 1 is a plain step
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    module = Poisoned(make_mlp())
+    trainer = quiet_trainer(
+        max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[SAMCallback(interval=2)]
+    )
+    trainer.fit(module, fixed_loader(n=64, batch_size=16))
+    assert scaler.get_scale() == 128.0
+    assert all(torch.isfinite(p).all() for p in module.parameters())
