@@ -347,8 +347,10 @@ class SAMCallback(Callback):
         window, self._window = self._window, []
         engine = self.engine
         assert engine is not None and self._guard is not None
-        if not window or self._loss1 is None:
-            return  # training_step returned None: Lightning ran no backward, no SAM this step
+        if not window or self._loss1 is None:  # training_step returned None: no backward, no SAM this step
+            if window:
+                engine.plain_step()  # Lightning still counts the optimizer step: keep the schedules aligned
+            return
         scaler = grad_scaler_of(trainer)
         if not self._second_pass_planned:
             engine.plain_step()

@@ -26,8 +26,12 @@ from torch import Tensor
 from lightning_sam.tensor_ops import global_norm
 
 
-def _local_only(tensor: Tensor) -> Tensor:
-    """The all-reduce of a single process: nothing to do."""
+def sum_over_ranks_(tensor: Tensor) -> Tensor:
+    """In-place SUM over the default process group when torch.distributed is initialized (plain PyTorch DDP
+    loops included); nothing to do on a single process. Adapters may replace it with :meth:`set_all_reduce`."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
 
 
@@ -71,7 +75,7 @@ class Variant(ABC):
                 f"pass rho=None for the default ({self.default_rho})."
             )
         self.rho = float(rho)
-        self.all_reduce_sum_: Callable[[Tensor], Tensor] = _local_only
+        self.all_reduce_sum_: Callable[[Tensor], Tensor] = sum_over_ranks_
         self.refresh_seconds = 0.0  # wall time of refresh work (masks, statistics) since it was last reported
 
     def set_all_reduce(self, all_reduce_sum_: Callable[[Tensor], Tensor]) -> None:

@@ -131,7 +131,7 @@ class XSAM(Variant):
         # v0 in place in the weights: w <- w - w0 (the displacement), summed over ranks (local ascents differ)
         torch._foreach_sub_(params, saved)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._sum_over_ranks(params)
+            self._sum_over_ranks(params)  # through all_reduce_sum_, like the probe losses
         displacement_norm = global_norm(params) + EPS
         torch._foreach_div_(params, displacement_norm)  # v0
         grad_norm = global_norm(grads)
@@ -161,8 +161,9 @@ class XSAM(Variant):
         if step.evaluate_clobbers_grads:
             v1 = [g.detach().clone() for g in step.grads]
         losses = []
-        for a in self.grid:  # a search syncs anyway (argmax), so the coefficients may be Python floats here
-            c0, c1 = (float(c) * self.rho_max for c in self._weights(a, theta))
+        angle = float(theta)  # one host sync for the whole search (the argmax below needs another)
+        for a in self.grid:
+            c0, c1 = (c * self.rho_max for c in _weights_of(a, angle))
             torch._foreach_copy_(step.params, step.saved)
             torch._foreach_add_(step.params, v0, alpha=c0)
             torch._foreach_add_(step.params, v1, alpha=c1)
@@ -172,7 +173,10 @@ class XSAM(Variant):
         probe = torch.stack(losses)
         self.all_reduce_sum_(probe)  # the same argmax on every rank
         self.last_probe_losses = probe
-        self.alpha = self.grid[int(torch.argmax(probe).item())]  # first argmax; one sync per search
+        finite = torch.where(torch.isfinite(probe), probe, torch.full_like(probe, -math.inf))
+        best = int(torch.argmax(finite).item())  # the first argmax among finite losses
+        if math.isfinite(float(finite[best])):  # all probes non-finite (an overflowing step): keep alpha
+            self.alpha = self.grid[best]
         self.searches += 1
         if self.alpha_every:
             self._next_search = (step.step // self.alpha_every + 1) * self.alpha_every
@@ -194,6 +198,14 @@ class XSAM(Variant):
 
     def extra_repr(self) -> str:
         return f"rho={self.rho}, steps={self.steps}, rho_max={self.rho_max}, alpha={self.alpha}"
+
+
+def _weights_of(alpha: float, theta: float) -> tuple[float, float]:
+    """Coefficients of v0 and v1 in v(alpha) for a Python-float angle (the search's probes)."""
+    sin_theta = math.sin(theta)
+    if sin_theta < 1e-8:
+        return 0.5, 0.5
+    return math.sin((1 - alpha) * theta) / sin_theta, math.sin(alpha * theta) / sin_theta
 
 
 def sum_products(a: list[Tensor], b: list[Tensor]) -> Tensor:

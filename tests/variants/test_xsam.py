@@ -174,3 +174,33 @@ def test_16_mixed_trains():
 def test_bad_input_raises_at_construction(options, match):
     with pytest.raises(ValueError, match=match):
         SAMCallback("xsam", **options)
+
+
+def test_non_finite_probes_keep_alpha_and_a_late_search_runs_at_the_next_pass_two():
+    net = make_mlp()
+    batches = list(fixed_loader(n=128, batch_size=16))
+    optimizer = make_optimizer("sgd", net.parameters())
+    engine = SAMEngine(net.named_parameters(), "xsam", alpha_every=3, interval=2, alpha=0.4)
+    searched_at = []
+    for step, (x, y) in enumerate(batches):
+
+        def closure(x=x, y=y):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        before = engine.variant.searches
+        poison = step == 0  # every probe of the first search is non-finite
+        engine.step(
+            closure,
+            optimizer,
+            probe=lambda x=x, y=y, poison=poison: F.cross_entropy(net(x), y) * (float("nan") if poison else 1.0),
+        )
+        if engine.variant.searches > before:
+            searched_at.append(step)
+        if step == 0:
+            assert engine.variant.alpha == 0.4  # kept
+    # due at 0, 3, 6; pass 2 only on even steps: the searches due at 3 and 6 run at 4 and 6
+    assert searched_at == [0, 4, 6]
+    assert all(torch.isfinite(p).all() for p in net.parameters())
