@@ -10,7 +10,8 @@ A quick, self-contained first look at ``lightning_sam``: no downloads, about 30 
   ``--methods`` also offers ``ssam`` (``SAMCallback("ssam", rho=--rho, sparsity=--ssam-sparsity)``: sparse SAM with
   its default Fisher mask, refreshed every epoch) and ``fsam`` (``SAMCallback("fsam", rho=--rho)``: Friendly SAM),
   and the cheaper or newer ones: ``sam_interval5`` (``SAMCallback("sam", rho=--rho, interval=5)``: a SAM step every
-  5th step, plain SGD steps in between), ``looksam`` (``SAMCallback("looksam", rho=--rho)``, k=5, alpha=0.7) and
+  5th step, plain SGD steps in between), ``looksam`` (``SAMCallback("looksam", rho=--rho, alpha=--looksam-alpha)``,
+  k=5) and
   ``xsam`` (``SAMCallback("xsam", rho=--xsam-rho)``: explicit SAM, its alpha searched on each epoch's first batch).
   The only difference between the runs is the callback in the Trainer.
 
@@ -214,7 +215,7 @@ def method_label(method: str, args: argparse.Namespace) -> str:
     if method == "sam_interval5":
         return f"SGD+SAM ρ={args.rho} every {SAM_INTERVAL}th step"
     if method == "looksam":
-        return f"SGD+LookSAM ρ={args.rho} k=5"
+        return f"SGD+LookSAM ρ={args.rho} k=5 α={args.looksam_alpha}"
     if method == "xsam":
         return f"SGD+XSAM ρ={args.xsam_rho}"
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
@@ -232,8 +233,8 @@ def sam_callback(method: str, args: argparse.Namespace) -> SAMCallback | None:
         return SAMCallback(variant="fsam", rho=args.rho)
     if method == "sam_interval5":
         return SAMCallback(variant="sam", rho=args.rho, interval=SAM_INTERVAL)
-    if method == "looksam":  # LookSAM's defaults: a SAM step every k=5 steps, alpha=0.7
-        return SAMCallback(variant="looksam", rho=args.rho)
+    if method == "looksam":  # a SAM step every k=5 steps (LookSAM's default)
+        return SAMCallback(variant="looksam", rho=args.rho, alpha=args.looksam_alpha)
     if method == "xsam":  # alpha searched on the first batch of each epoch (the callback's default)
         return SAMCallback(variant="xsam", rho=args.xsam_rho)
     if method != "sgd":
@@ -349,6 +350,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.35, help="fraction of training labels flipped (0.35)")
     parser.add_argument("--rho", type=float, default=0.05, help="SAM (and SSAM, F-SAM) radius (default 0.05)")
     parser.add_argument("--asam-rho", type=float, default=0.5, help="ASAM neighbourhood radius (default 0.5)")
+    parser.add_argument(
+        "--looksam-alpha", type=float, default=0.7, help="LookSAM: weight of the reused g_v (default 0.7, LookSAM's)"
+    )
     parser.add_argument("--xsam-rho", type=float, default=0.15, help="XSAM ascent radius (default 0.15, XSAM's)")
     parser.add_argument(
         "--ssam-sparsity", type=float, default=0.5, help="SSAM: fraction of coordinates NOT perturbed (0.5)"
