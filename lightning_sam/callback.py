@@ -31,7 +31,6 @@ from lightning_sam import amp
 from lightning_sam.batches import batch_size_of, batchnorm_in_eval, slice_batch
 from lightning_sam.distributed import (
     all_reduce_max_,
-    all_reduce_sum_,
     check_static_graph,
     check_strategy,
     gather_objects,
@@ -282,7 +281,6 @@ class SAMCallback(Callback):
             interval=self.interval,
             **options,
         )
-        self.engine.set_all_reduce(all_reduce_sum_)
         if self._pending_state:
             self.engine.load_state_dict(engine_state_for_this_rank(self._pending_state))
             self._pending_state = None

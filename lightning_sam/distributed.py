@@ -15,6 +15,8 @@ from lightning.pytorch import Trainer
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_sam.variants.base import sum_over_ranks_ as all_reduce_sum_  # one SUM implementation
+
 
 def ddp_module(trainer: Trainer) -> DistributedDataParallel | None:
     """The DDP wrapper around the LightningModule, if the strategy uses one."""
@@ -34,21 +36,6 @@ def all_reduce_max_(flag: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag
-
-
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """SUM over all ranks in place (no-op when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_mean_(tensor: Tensor) -> Tensor:
-    """Average over all ranks in place (no-op when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
-    return tensor
 
 
 def gather_objects(obj: object) -> list[object]:
@@ -122,7 +109,6 @@ def world_size() -> int:
 
 __all__ = [
     "all_reduce_max_",
-    "all_reduce_mean_",
     "all_reduce_sum_",
     "check_static_graph",
     "check_strategy",

@@ -40,7 +40,6 @@ from lightning_sam.callback import (
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.distributed import (
     all_reduce_max_,
-    all_reduce_sum_,
     check_static_graph,
     check_strategy,
     gather_objects,
@@ -143,7 +142,6 @@ class SAMMixin:
             interval=config.get("interval", 1),
             **options,
         )
-        engine.set_all_reduce(all_reduce_sum_)
         message = getattr(engine.variant, "setup_message", None)
         if message:
             rank_zero_info(f"SAMMixin: {message}")

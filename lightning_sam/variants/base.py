@@ -82,6 +82,18 @@ class Variant(ABC):
         """The in-place SUM over ranks that refreshes use so that every rank derives the same state (DDP)."""
         self.all_reduce_sum_ = all_reduce_sum_
 
+    def sum_tensors_over_ranks_(self, tensors: list[Tensor]) -> None:
+        """Sum ``tensors`` over ranks in place, through one fp32 flat buffer (one all-reduce); nothing to do on
+        a single process."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() == 1:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        self.all_reduce_sum_(flat)
+        for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+            t.copy_(part.reshape(t.shape))
+
     # ----------------------------------------------------------------- the rule
     @abstractmethod
     def direction_(self, step: StepTensors) -> Tensor:

@@ -73,11 +73,7 @@ class LookSAM(Variant):
 
     def descent_(self, step: StepTensors) -> None:
         g = self._buffers(step.names)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flat = torch.cat([t.reshape(-1) for t in g])
-            self.all_reduce_sum_(flat)  # g_v must agree on every rank; the projection ignores the sum's scale
-            for t, part in zip(g, torch.split(flat, [t.numel() for t in g])):
-                t.copy_(part.reshape(t.shape))
+        self.sum_tensors_over_ranks_(g)  # g_v must agree on every rank; the projection ignores the sum's scale
         g_s = [x.float() if x.dtype != torch.float32 else x for x in step.grads]
         dot = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g_s, g)]).sum()
         norm_sq = global_norm(g) ** 2

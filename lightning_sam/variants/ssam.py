@@ -225,15 +225,10 @@ class SSAM(Variant):
         if self._fisher_count >= self.num_samples:
             fisher, self._fisher, self._fisher_count = self._fisher, None, 0
             self._completed_at = step_index
-            self._refresh_from_scores(self._reduce(fisher))
+            self.sum_tensors_over_ranks_(fisher)  # every rank selects from the same sums
+            self._refresh_from_scores(fisher)
 
     # ------------------------------------------------------------------ refreshes
-    def _reduce(self, tensors: list[Tensor]) -> list[Tensor]:
-        """SUM over ranks (identity on one process), through one flat buffer."""
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        self.all_reduce_sum_(flat)
-        return list(torch.split(flat, [t.numel() for t in tensors]))
-
     def _refresh_from_scores(self, scores: list[Tensor]) -> None:
         started = time.perf_counter()
         shaped = [s.reshape(p.shape) for s, p in zip(scores, self._params)]
@@ -252,12 +247,12 @@ class SSAM(Variant):
         started = time.perf_counter()
         by_name = dict(zip(step.names, step.grads))
         grads = [
-            by_name[name].detach().float() if name in by_name else torch.zeros(p.shape, device=p.device)
+            by_name[name].detach().float().clone() if name in by_name else torch.zeros(p.shape, device=p.device)
             for name, p in zip(self._names, self._params)
         ]
-        world_mean = self._reduce(grads)
+        self.sum_tensors_over_ranks_(grads)  # the pass-1 gradient summed over ranks: the same mask everywhere
         fraction = self.drop_rate * 0.5 * (1 + math.cos(math.pi * step.step / self.total_steps))
-        self._set_mask(masks.dst_update(self._kept, [g.abs() for g in world_mean], fraction, self._generator))
+        self._set_mask(masks.dst_update(self._kept, [g.abs() for g in grads], fraction, self._generator))
         self.refresh_seconds += time.perf_counter() - started
 
     def _set_mask(self, new: masks.Mask) -> None:

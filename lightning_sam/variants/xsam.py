@@ -29,7 +29,6 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_sam.tensor_ops import EPS, global_norm
@@ -130,8 +129,7 @@ class XSAM(Variant):
         params, grads, saved = step.params, step.grads, step.saved
         # v0 in place in the weights: w <- w - w0 (the displacement), summed over ranks (local ascents differ)
         torch._foreach_sub_(params, saved)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._sum_over_ranks(params)  # through all_reduce_sum_, like the probe losses
+        self.sum_tensors_over_ranks_(params)  # local ascents differ per rank; v0 enters the descent
         displacement_norm = global_norm(params) + EPS
         torch._foreach_div_(params, displacement_norm)  # v0
         grad_norm = global_norm(grads)
@@ -146,12 +144,6 @@ class XSAM(Variant):
         torch._foreach_mul_(grads, c1 * grad_norm)
         torch._foreach_mul_(params, c0 * grad_norm)
         torch._foreach_add_(grads, params)
-
-    def _sum_over_ranks(self, tensors: list[Tensor]) -> None:
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        self.all_reduce_sum_(flat)
-        for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
-            t.copy_(part.reshape(t.shape))
 
     def _search(self, step: StepTensors, theta: Tensor) -> None:
         """Probe the loss at w0 + rho_max * v(a) for every a of the grid; keep the first argmax as alpha."""
