@@ -16,13 +16,12 @@ and BatchNorm running statistics are as pass 1 left them (see :mod:`lightning_sa
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.optim import Optimizer
@@ -34,86 +33,28 @@ from lightning_sam.distributed import (
     check_static_graph,
     check_strategy,
     gather_objects,
-    rank,
     set_gradient_sync,
     world_size,
 )
 from lightning_sam.engine import SAMEngine
+from lightning_sam.glue import (
+    check_flag,
+    check_optimizer,
+    engine_state_for_this_rank,
+    grad_scaler_of,
+    log_metrics,
+    loss_from_output,
+    non_finite_on_any_rank,
+    optimizer_grads,
+    should_log,
+    skip_optimizer_step,
+    trainer_defaults,
+    validate_schedule,
+    warn_if_samples_outlast_epoch,
+)
 from lightning_sam.side_effects import SecondPassGuard
-from lightning_sam.variants import Variant, make_variant, variant_class
-
-
-def loss_from_output(output: Any) -> Tensor | None:
-    """The loss in a ``training_step`` output: the tensor itself, ``output["loss"]``, or None."""
-    if output is None:
-        return None
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if "loss" not in output:
-            raise RuntimeError("training_step returned a dict without a 'loss' key; SAM needs the loss to re-run it")
-        return output["loss"]
-    raise RuntimeError(f"training_step returned a {type(output).__name__}; expected a Tensor, a dict or None")
-
-
-def grad_scaler_of(trainer: Trainer) -> torch.amp.GradScaler | None:
-    """The GradScaler of the 16-mixed precision plugin, or None (32-true, bf16-mixed, ...)."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None
-
-
-def validate_schedule(interval: int, params: Any) -> None:
-    """Raise at construction for a bad ``interval`` or ``params`` filter."""
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
-    if params is not None and params != "norm" and not callable(params):
-        raise ValueError(f"params must be None, 'norm' or a callable (name, parameter) -> bool, got {params!r}")
-
-
-def engine_state_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
-    """This rank's engine state: its own when the checkpoint holds one per rank (same world size), else rank 0's."""
-    per_rank = state.get("engine_per_rank")
-    if per_rank and len(per_rank) == world_size():
-        return per_rank[rank()]
-    if per_rank:
-        rank_zero_warn(
-            f"The checkpoint holds per-rank SAM state for {len(per_rank)} ranks, but {world_size()} are running: "
-            "every rank resumes from rank 0's state."
-        )
-    return state["engine"]
-
-
-def trainer_defaults(trainer: Trainer, variant: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Variant options derived from the Trainer (e.g. SSAM's refresh period), when the variant wants any."""
-    variant_cls = variant_class(variant)
-    if variant_cls.trainer_defaults.__func__ is Variant.trainer_defaults.__func__:  # type: ignore[attr-defined]
-        return {}
-    total = trainer.estimated_stepping_batches  # loads the train dataloader if needed
-    batches = trainer.num_training_batches
-    if not math.isfinite(total) or not math.isfinite(batches):
-        if set(variant_cls.trainer_defaults(options, 1, 1)) <= set(options):
-            return {}  # the user gave every option in steps
-        raise RuntimeError(
-            f"variant {variant!r} derives its schedule from the epoch length, but the train dataloader has no "
-            "length: pass the options in steps explicitly (e.g. mask_every=..., total_steps=...)."
-        )
-    steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-    return variant_cls.trainer_defaults(options, steps_per_epoch, int(total))
-
-
-def log_metrics(pl_module: LightningModule, values: dict[str, Tensor]) -> None:
-    """Log tensors through Lightning without a host sync: per step, plus epoch means on a single process.
-
-    Under DDP the values are rank-local and logged per step only (an epoch mean would need ``sync_dist``,
-    i.e. a reduction; rank 0's values are what loggers record).
-    """
-    on_epoch = world_size() == 1
-    for name, value in values.items():
-        pl_module.log(name, value, on_step=True, on_epoch=on_epoch)
-
-
-def _optimizer_grads(optimizer: Optimizer) -> list[Tensor]:
-    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+from lightning_sam.tensor_ops import widen
+from lightning_sam.variants import make_variant, variant_class
 
 
 class SAMCallback(Callback):
@@ -128,6 +69,10 @@ class SAMCallback(Callback):
             the other steps are plain optimizer steps on ``g`` with no second forward/backward.
         params: which parameters are perturbed (and counted in the gradient norm): ``None`` (all trained ones),
             ``"norm"`` (normalization layers only: SAM-ON) or a callable ``(name, parameter) -> bool``.
+        skip_nonfinite: skip the optimizer step (weights and optimizer state untouched, with a warning) when the
+            loss at the perturbed weights is inf/NaN, which plain training would not meet at ``w``. Costs one host
+            sync per SAM step (not under 16-mixed, whose GradScaler skips such steps itself); ``False`` removes the
+            check and lets the non-finite gradient reach the optimizer, as plain Lightning does.
         **variant_options: the variant's options, named as on the variant's docs page (ASAM: ``eta``).
 
     Example::
@@ -148,6 +93,7 @@ class SAMCallback(Callback):
         sync_ascent: bool = False,
         interval: int = 1,
         params: str | Callable[[str, Tensor], bool] | None = None,
+        skip_nonfinite: bool = True,
         # The variants' options, spelled out so that LightningCLI/jsonargparse can configure them from YAML as
         # flat keys beside `variant` and `rho`. None = the variant's default; an option the chosen variant does
         # not have raises. tests/test_cli.py checks that this list covers every registered variant's options.
@@ -214,17 +160,21 @@ class SAMCallback(Callback):
         validate_schedule(interval, params)
         self.rho = rho
         self.variant_options = dict(variant_options)
-        self.sync_ascent = bool(sync_ascent)
+        self.sync_ascent = check_flag("sync_ascent", sync_ascent)
+        self.skip_nonfinite = check_flag("skip_nonfinite", skip_nonfinite)
         self.interval = interval
         self.params = params
         self.engine: SAMEngine | None = None
         self._pending_state: dict[str, Any] | None = None
         self._guard: SecondPassGuard | None = None
-        self._window: list[tuple[Any, int]] = []
+        self._window: list[tuple[Any, int]] = []  # the micro-batches of this step whose pass 1 produced a loss
+        self._window_open = False  # a micro-batch of the coming optimizer step has started
+        self._current: tuple[Any, int] | None = None  # the micro-batch running now
         self._loss1: Tensor | None = None
         self._loss2: Tensor | None = None
         self._second_pass_planned = True
         self._in_second_pass = False
+        self._samples_warned = False
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -261,6 +211,13 @@ class SAMCallback(Callback):
                 "For manual optimization, mix in lightning_sam.SAMMixin and call self.sam_step(...) in "
                 "training_step instead of using the callback."
             )
+        others = [c for c in trainer.callbacks if isinstance(c, SAMCallback) and c is not self]  # type: ignore[attr-defined]
+        if others:
+            raise RuntimeError(
+                f"The Trainer has {len(others) + 1} SAMCallbacks ({self!r}, {', '.join(map(repr, others))}); each "
+                "would perturb the weights and run its own second pass every step. Keep one SAMCallback (with "
+                "LightningCLI, check --trainer.callbacks and the config files for a second one)."
+            )
         check_strategy(trainer)
         if not self.sync_ascent:
             check_static_graph(trainer)
@@ -271,6 +228,7 @@ class SAMCallback(Callback):
                 f"SAMCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Put all parameters in "
                 "one optimizer (param groups may carry their own 'sam_rho' or 'sam_exclude=True')."
             )
+        check_optimizer(trainer.optimizers[0], "SAMCallback")
         options = {**trainer_defaults(trainer, self.variant, self.variant_options), **self.variant_options}
         self.engine = SAMEngine.from_optimizer(
             trainer.optimizers[0],
@@ -291,20 +249,25 @@ class SAMCallback(Callback):
         if message:
             rank_zero_info(f"SAMCallback: {message}")
         self._guard = SecondPassGuard(pl_module)
-        self._window = []
+        self._window, self._window_open = [], False
 
     # ------------------------------------------------------------------ pass 1
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._window = []
+        self._window, self._window_open = [], False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.engine is not None
         if self.engine.samples_needed():
+            if self.engine.step_count == 0 and not self._samples_warned:
+                self._samples_warned = True
+                wanted, size = self.engine.samples_needed(), batch_size_of(batch)
+                warn_if_samples_outlast_epoch(trainer, self.variant, wanted, size, "SAMCallback")
             self._collect_samples(trainer, pl_module, batch, batch_idx)
-        if not self._window:
+        if not self._window_open:  # the first micro-batch of an optimizer step
+            self._window_open = True
             self._second_pass_planned = self.engine.needs_second_pass()
             self._loss1 = None
-        self._window.append((batch, batch_idx))
+        self._current = (batch, batch_idx)
         # A step with pass 2 ascends with the local gradient; a step without one descends on pass 1's gradient,
         # which must then be all-reduced.
         set_gradient_sync(trainer, self.sync_ascent or not self._second_pass_planned)
@@ -337,17 +300,25 @@ class SAMCallback(Callback):
         value = loss.detach()
         if self._in_second_pass:
             self._loss2 = value if self._loss2 is None else self._loss2 + value
-        else:
+        else:  # pass 2 replays exactly the micro-batches that reached backward in pass 1
             self._loss1 = value if self._loss1 is None else self._loss1 + value
+            if self._current is not None:
+                self._window.append(self._current)
 
     # ------------------------------------------------------------------ pass 2
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         window, self._window = self._window, []
+        opened, self._window_open = self._window_open, False
         engine = self.engine
         assert engine is not None and self._guard is not None
-        if not window or self._loss1 is None:  # training_step returned None: no backward, no SAM this step
-            if window:
-                engine.plain_step()  # Lightning still counts the optimizer step: keep the schedules aligned
+        if not opened:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step evaluated its closure more than once in one optimizer step (a line "
+                "search?): SAMCallback perturbs the weights once per step and supports optimizers that evaluate the "
+                "closure once (SGD, Adam, AdamW, ...)."
+            )
+        if not window:  # training_step returned None for every micro-batch: no backward, no SAM this step
+            engine.plain_step()  # Lightning still counts the optimizer step: keep the schedules aligned
             return
         scaler = grad_scaler_of(trainer)
         if not self._second_pass_planned:
@@ -366,12 +337,12 @@ class SAMCallback(Callback):
             for index in range(passes):
                 if index:  # multi-step variants ascend again from the previous pass's local gradient
                     if scaler is not None:  # an overflow here skips the step (the weights are restored anyway)
-                        found = amp.unscale_(_optimizer_grads(optimizer), scaler)
+                        found = amp.unscale_(optimizer_grads(optimizer), scaler)
                         if not amp.handles_unscaling(optimizer):
                             amp.mark_found_inf(scaler, optimizer, found)
                     engine.ascend()
                 self._loss2 = None
-                torch._foreach_zero_(_optimizer_grads(optimizer))
+                torch._foreach_zero_(optimizer_grads(optimizer))
                 self._run_second_pass(trainer, pl_module, optimizer, window, sync=index == passes - 1)
             if scaler is not None and not amp.handles_unscaling(optimizer):
                 amp.unscale_second_pass_(scaler, optimizer)
@@ -380,8 +351,25 @@ class SAMCallback(Callback):
             engine.restore()
             self._in_second_pass = False
             set_gradient_sync(trainer, True)
+        skipped = self._skip_non_finite(trainer, optimizer, scaler)
         self._before_step(trainer, pl_module, optimizer, scaler)
-        self._log(pl_module, scaler, perturbation_norm)
+        if not skipped:  # a skipped step's sharpness (inf) must not enter the epoch means
+            self._log(pl_module, scaler, perturbation_norm)
+
+    def _skip_non_finite(self, trainer: Trainer, optimizer: Optimizer, scaler: torch.amp.GradScaler | None) -> bool:
+        """Whether this step's update is skipped for a non-finite pass (GradScaler's own skip under 16-mixed; else
+        ``skip_nonfinite`` on an inf/NaN pass-2 loss). One host sync either way (GradScaler syncs here anyway)."""
+        if scaler is not None:
+            return bool(amp.step_will_be_skipped(scaler, optimizer, optimizer_grads(optimizer)).item())
+        if not self.skip_nonfinite or self._loss2 is None or not non_finite_on_any_rank(self._loss2):
+            return False
+        skip_optimizer_step(
+            optimizer,
+            f"SAMCallback: the loss at the perturbed weights is not finite at global step {trainer.global_step}: this "
+            "optimizer step is skipped (weights and optimizer state unchanged). If it repeats, lower rho or the "
+            "learning rate (skip_nonfinite=False lets the step through).",
+        )
+        return True
 
     def _before_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer, scaler: torch.amp.GradScaler | None
@@ -389,9 +377,9 @@ class SAMCallback(Callback):
         """The variant's pre-step hook (BAR) and its metrics, on Lightning's logging cadence."""
         assert self.engine is not None
         if self.engine.has_before_step:
-            skip = amp.step_will_be_skipped(scaler, optimizer, _optimizer_grads(optimizer)) if scaler else None
+            skip = amp.step_will_be_skipped(scaler, optimizer, optimizer_grads(optimizer)) if scaler else None
             self.engine.before_optimizer_step(optimizer, skip)
-        if getattr(trainer._logger_connector, "should_update_logs", True):
+        if should_log(trainer):
             log_metrics(pl_module, self.engine.variant.metrics())
 
     def _pass1_overflowed(self, scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
@@ -399,7 +387,7 @@ class SAMCallback(Callback):
         if amp.handles_unscaling(optimizer):
             # Lightning did not unscale (the optimizer will, inside step): check and unscale pass 1 here. The
             # gradients are discarded after the ascent, and an inf survives unscaling, so scaler.step still skips.
-            found = amp.unscale_(_optimizer_grads(optimizer), scaler)
+            found = amp.unscale_(optimizer_grads(optimizer), scaler)
         else:
             registered = amp.registered_found_inf(scaler, optimizer)
             if registered is None:
@@ -410,7 +398,7 @@ class SAMCallback(Callback):
         overflowed = bool(found.item())
         if overflowed:  # make sure GradScaler skips on this rank too (another rank may be the one that overflowed)
             if amp.handles_unscaling(optimizer):
-                amp.poison_(_optimizer_grads(optimizer))  # scaler.step checks the grads itself
+                amp.poison_(optimizer_grads(optimizer))  # scaler.step checks the grads itself
             else:
                 amp.mark_found_inf(scaler, optimizer, found)
         return overflowed
@@ -426,7 +414,7 @@ class SAMCallback(Callback):
                 loss = loss_from_output(pl_module.training_step(*((batch, batch_idx) if pass_batch_idx else (batch,))))
                 if loss is None:
                     raise RuntimeError("training_step returned None during a loss probe")
-                value = loss.detach().float() / trainer.accumulate_grad_batches
+                value = widen(loss.detach()) / trainer.accumulate_grad_batches
                 total = value if total is None else total + value
         assert total is not None
         return total
@@ -460,7 +448,7 @@ class SAMCallback(Callback):
     def _log(self, pl_module: LightningModule, scaler: torch.amp.GradScaler | None, perturbation_norm: Tensor) -> None:
         if self._loss1 is None or self._loss2 is None:
             return
-        sharpness = self._loss2.float() - self._loss1.float()
+        sharpness = widen(self._loss2) - widen(self._loss1)
         if scaler is not None:  # the losses seen by on_before_backward were scaled
             sharpness = sharpness * amp.inverse_scale(scaler).to(sharpness.device)
         log_metrics(pl_module, {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm})

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_sam.tensor_ops import global_norm
+from lightning_sam.tensor_ops import accumulation_dtype, global_norm
 
 CLIP_ALGORITHMS = ("norm", "value")
 
@@ -31,22 +31,23 @@ def clip_gradients_(
     """Clip ``grads`` in place by global norm (``algorithm="norm"``) or element value (``"value"``).
 
     ``scale``: the loss scale the gradients are still multiplied by (16-mixed before unscaling), or None.
-    Norm clipping multiplies by ``min(1, value / (||g|| + 1e-6))`` as ``clip_grad_norm_`` does.
+    Norm clipping multiplies by ``min(1, value / (||g|| + 1e-6))`` as ``clip_grad_norm_`` does. The norm and the
+    bounds are in fp32, fp64 when a gradient is fp64 (a bound such as 0.1 is not rounded to fp32 for fp64 gradients).
     """
     grads = list(grads)
     if not grads:
         return
     if algorithm == "norm":
-        total = global_norm(grads)
-        limit = torch.as_tensor(float(value), dtype=torch.float32, device=total.device)
-        epsilon = torch.as_tensor(1e-6, dtype=torch.float32, device=total.device)
+        total = global_norm(grads)  # fp32, or fp64 for fp64 gradients: the bound is formed in the same dtype
+        limit = torch.as_tensor(float(value), dtype=total.dtype, device=total.device)
+        epsilon = torch.as_tensor(1e-6, dtype=total.dtype, device=total.device)
         if scale is not None:
             limit = limit * scale.to(total.device)
             epsilon = epsilon * scale.to(total.device)
         coefficient = torch.clamp(limit / (total + epsilon), max=1.0)
         torch._foreach_mul_(grads, coefficient)
     else:
-        bound = torch.as_tensor(float(value), dtype=torch.float32, device=grads[0].device)
+        bound = torch.as_tensor(float(value), dtype=accumulation_dtype(grads), device=grads[0].device)
         if scale is not None:
             bound = bound * scale.to(bound.device)
         torch._foreach_clamp_max_(grads, [bound.to(g.device, g.dtype) for g in grads])

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from lightning_sam.tensor_ops import EPS
+from lightning_sam.tensor_ops import EPS, widen, widened_dtype
 from lightning_sam.variants import StepTensors, Variant, make_variant
 
 ParamsLike = Iterable[Parameter] | Iterable[tuple[str, Parameter]] | Iterable[dict[str, Any]]
@@ -230,7 +230,8 @@ class SAMEngine:
         gradients are overwritten with ``e`` (zero them before pass 2). ``grad_scale``, if given, multiplies the
         gradients first (e.g. ``1 / loss_scale`` for gradients that are still scaled).
 
-        Returns ``||e||`` as a 0-dim fp32 tensor, or ``None`` when no parameter has a gradient (nothing done).
+        Returns ``||e||`` as a 0-dim tensor (fp32; fp64 when a gradient is fp64: norms and ``rho / (n + eps)`` are
+        computed in at least the parameters' precision), or ``None`` when no parameter has a gradient (nothing done).
         """
         active = self._collect(self._perturbed)
         if active is None:
@@ -307,13 +308,15 @@ class SAMEngine:
         started = time.perf_counter()
         chunk = max(1, int(getattr(self.variant, "fisher_batch_size", 1)))
         trained = [(i, p) for i, p in enumerate(self.params) if p.requires_grad]
-        sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        if not trained:  # everything frozen: no gradient to collect (the steps are plain until something trains)
+            return 0
+        sums = [torch.zeros(p.shape, dtype=widened_dtype(p.dtype), device=p.device) for p in self.params]
         for start in range(0, wanted, chunk):
             stop = min(start + chunk, wanted)
             with torch.enable_grad():
                 loss = loss_of_slice(start, stop)
                 grads = torch.autograd.grad(loss, [p for _, p in trained], allow_unused=True)
-            present = [(sums[i], g.float()) for (i, _), g in zip(trained, grads) if g is not None]
+            present = [(sums[i], widen(g)) for (i, _), g in zip(trained, grads) if g is not None]
             if present:
                 targets, values = zip(*present)
                 torch._foreach_addcmul_(list(targets), list(values), list(values))

@@ -29,14 +29,6 @@ from torch import Tensor
 
 from lightning_sam import amp
 from lightning_sam.batches import batchnorm_in_eval
-from lightning_sam.callback import (
-    _optimizer_grads,
-    engine_state_for_this_rank,
-    grad_scaler_of,
-    log_metrics,
-    trainer_defaults,
-    validate_schedule,
-)
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.distributed import (
     all_reduce_max_,
@@ -47,8 +39,22 @@ from lightning_sam.distributed import (
     world_size,
 )
 from lightning_sam.engine import SAMEngine
+from lightning_sam.glue import (
+    check_flag,
+    check_optimizer,
+    engine_state_for_this_rank,
+    grad_scaler_of,
+    log_metrics,
+    non_finite_on_any_rank,
+    optimizer_grads,
+    should_log,
+    skip_optimizer_step,
+    trainer_defaults,
+    validate_schedule,
+    warn_if_samples_outlast_epoch,
+)
 from lightning_sam.side_effects import SecondPassGuard
-from lightning_sam.tensor_ops import non_finite_flag
+from lightning_sam.tensor_ops import non_finite_flag, widen
 from lightning_sam.variants import make_variant, variant_class
 
 
@@ -66,13 +72,14 @@ class SAMMixin:
         sync_ascent: bool = False,
         interval: int = 1,
         params: str | Callable[[str, Tensor], bool] | None = None,
+        skip_nonfinite: bool = True,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         **variant_options: Any,
     ) -> None:
         """Choose the variant (validated now) and the descent-gradient clipping. Call it in ``__init__``.
 
-        ``sync_ascent``, ``interval`` and ``params`` as in :class:`lightning_sam.SAMCallback`;
+        ``sync_ascent``, ``interval``, ``params`` and ``skip_nonfinite`` as in :class:`lightning_sam.SAMCallback`;
         ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``) clip the unscaled descent
         gradient.
         """
@@ -84,13 +91,28 @@ class SAMMixin:
             "variant": name,
             "rho": rho,
             "options": dict(variant_options),
-            "sync_ascent": bool(sync_ascent),
+            "sync_ascent": check_flag("sync_ascent", sync_ascent),
+            "skip_nonfinite": check_flag("skip_nonfinite", skip_nonfinite),
             "interval": interval,
             "params": params,
             "clip_val": gradient_clip_val,
             "clip_algorithm": gradient_clip_algorithm,
         }
         self._sam_engines = {}
+        self._sam_run_defaults: dict[str, Any] | None = None
+
+    def on_fit_start(self) -> None:
+        """Check the optimizers and derive the variant's run-length options now, before the first training_step
+        (a run whose length the variant needs but cannot be known fails here, naming the option to pass)."""
+        trainer = self.trainer  # type: ignore[attr-defined]
+        if not getattr(self, "automatic_optimization", True):
+            if not hasattr(self, "_sam_config"):
+                self.configure_sam()
+            for optimizer in trainer.optimizers:
+                check_optimizer(optimizer, "SAMMixin")
+            config = self._sam_config
+            self._sam_run_defaults = trainer_defaults(trainer, config["variant"], config["options"])
+        super().on_fit_start()  # type: ignore[misc]
 
     @property
     def sam_engine(self) -> SAMEngine | None:
@@ -132,7 +154,11 @@ class SAMMixin:
             self._sam_guard = SecondPassGuard(self)  # type: ignore[arg-type]
         options = dict(config["options"])
         if trainer is not None:
-            options = {**trainer_defaults(trainer, config["variant"], options), **options}
+            check_optimizer(raw, "SAMMixin")
+            defaults = self.__dict__.get("_sam_run_defaults")
+            if defaults is None:  # on_fit_start did not run (a subclass that overrides it without super())
+                defaults = trainer_defaults(trainer, config["variant"], options)
+            options = {**defaults, **options}
         engine = SAMEngine.from_optimizer(
             raw,
             self,  # type: ignore[arg-type]
@@ -205,6 +231,11 @@ class SAMMixin:
                     "batch_size=<samples in the batch>), or use SSAM with mask='dst'."
                 )
             assert self._sam_guard is not None
+            if engine.step_count == 0 and not self.__dict__.get("_sam_samples_warned"):
+                self._sam_samples_warned = True
+                wanted = engine.samples_needed()
+                trainer = self.trainer  # type: ignore[attr-defined]
+                warn_if_samples_outlast_epoch(trainer, engine.variant.name, wanted, batch_size, "SAMMixin")
             with self._sam_guard.active(), batchnorm_in_eval(self):  # type: ignore[arg-type]
                 engine.collect_samples(sample_loss_fn, batch_size)
         config = self._sam_config
@@ -219,12 +250,12 @@ class SAMMixin:
         set_gradient_sync(trainer, True)
         run_second = second
         if scaler is not None and second:
-            found = amp.unscale_(_optimizer_grads(raw), scaler)  # pass-1 grads: discarded after the ascent
+            found = amp.unscale_(optimizer_grads(raw), scaler)  # pass-1 grads: discarded after the ascent
             if world_size() > 1 and not config["sync_ascent"]:
                 all_reduce_max_(found)
             if found.item():  # one host sync, only under GradScaler (it syncs here anyway)
                 run_second = False
-                amp.poison_(_optimizer_grads(raw))  # the scaler's unscale_ in step() then skips on every rank
+                amp.poison_(optimizer_grads(raw))  # the scaler's unscale_ in step() then skips on every rank
         if run_second:
             perturbation_norm = engine.ascend()
             guard = self._sam_guard
@@ -239,7 +270,7 @@ class SAMMixin:
                     last = ascent == engine.ascent_steps - 1
                     if ascent:
                         engine.ascend()
-                    torch._foreach_zero_(_optimizer_grads(raw))
+                    torch._foreach_zero_(optimizer_grads(raw))
                     set_gradient_sync(trainer, last)
                     with guard.active():
                         loss2 = loss_fn()
@@ -248,20 +279,31 @@ class SAMMixin:
             finally:
                 engine.restore()
                 set_gradient_sync(trainer, True)
-            if perturbation_norm is not None:
-                sharpness = loss2.detach().float() - loss1.detach().float()
+            if scaler is not None:  # GradScaler skips a non-finite step itself (one host sync; it syncs anyway)
+                skipped = bool(non_finite_flag(optimizer_grads(raw)).item())
+            else:
+                skipped = config.get("skip_nonfinite", True) and non_finite_on_any_rank(loss2)
+            if skipped and scaler is None:
+                skip_optimizer_step(
+                    raw,
+                    f"SAMMixin: the loss at the perturbed weights is not finite at global step {trainer.global_step}: "
+                    "this optimizer step is skipped (weights and optimizer state unchanged). If it repeats, lower rho "
+                    "or the learning rate (configure_sam(skip_nonfinite=False) lets the step through).",
+                )  # optimizer.step() below still runs, without gradients: Lightning counts the step, nothing moves
+            if perturbation_norm is not None and not skipped:  # a skipped step's values stay out of the metrics
+                sharpness = widen(loss2.detach()) - widen(loss1.detach())
                 metrics = {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm}
                 log_metrics(self, metrics)  # type: ignore[arg-type]
         else:
             engine.plain_step()
-        if getattr(trainer._logger_connector, "should_update_logs", True):
+        if should_log(trainer):
             log_metrics(self, engine.variant.metrics())  # type: ignore[arg-type]
         if config["clip_val"] is not None:
             # under GradScaler the descent gradient is still scaled here (Lightning unscales inside step)
             scale = scaler._scale if scaler is not None else None
-            clip_gradients_(_optimizer_grads(raw), config["clip_val"], config["clip_algorithm"], scale=scale)
+            clip_gradients_(optimizer_grads(raw), config["clip_val"], config["clip_algorithm"], scale=scale)
         if engine.has_before_step:  # gradients may still be scaled here: the hook compares and tests them only
-            grads = _optimizer_grads(raw)
+            grads = optimizer_grads(raw)
             skip = non_finite_flag(grads) if scaler is not None and grads else None
             engine.before_optimizer_step(raw, skip)
         optimizer.step()

@@ -1,7 +1,8 @@
 """Plain, loop-per-parameter reference implementations written from ../shared/ALGORITHMS.md.
 
 Deliberately simple and independent of ``lightning_sam``'s engine: the test suite's oracle. Every function
-works on Python lists of tensors, one parameter at a time.
+works on Python lists of tensors, one parameter at a time. Dtype-generic: norms and state are computed in at least
+fp32 (fp64 for fp64 models), so an fp64 run is an fp64 oracle.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from torch.nn import functional as F
 EPS = 1e-12
 
 
+def wide(t: Tensor) -> Tensor:
+    """``t`` in at least fp32: fp16 / bf16 / fp32 -> fp32, fp64 stays fp64 (the library's precision rule)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def l2_norm(tensors: Iterable[Tensor]) -> Tensor:
-    """sqrt(sum of squares) over all tensors, accumulated in fp32."""
+    """sqrt(sum of squares) over all tensors, accumulated in fp32 (fp64 as soon as one tensor is fp64)."""
     total = torch.zeros((), dtype=torch.float32)
     for t in tensors:
-        total = total + (t.detach().float() ** 2).sum()
+        total = total + (wide(t.detach()) ** 2).sum()
     return total.sqrt()
 
 
@@ -87,7 +93,7 @@ class ReferenceFSAM:
     def perturbation(self, names: list[str], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         directions = []
         for name, g in zip(names, grads):
-            g = g.detach().float()
+            g = wide(g.detach())
             if name not in self.ema:
                 self.ema[name] = g.clone()
                 directions.append(g.clone())
@@ -97,7 +103,7 @@ class ReferenceFSAM:
                 self.ema[name] = self.lmbda * m + (1 - self.lmbda) * g
         self.steps += 1
         if self.adaptive:
-            weights = [p.detach().float() for p in params]
+            weights = [wide(p.detach()) for p in params]
             norm = l2_norm([w * d for w, d in zip(weights, directions)])
             return [self.rho * w * w * d / (norm + EPS) for w, d in zip(weights, directions)]
         norm = l2_norm(directions)
@@ -162,7 +168,7 @@ class ReferenceSSAM:
     def _flat(self, tensors):
         values = []
         for t in tensors:
-            values.extend(t.detach().reshape(-1).float().tolist())
+            values.extend(wide(t.detach().reshape(-1)).tolist())
         return values
 
     def _select(self, scores):
@@ -233,7 +239,7 @@ class ReferenceSSAM:
         norm = l2_norm(grads)
         result, offset = [], 0
         for g in grads:
-            dense = torch.zeros(g.numel())
+            dense = torch.zeros(g.numel(), dtype=g.dtype)
             for i in range(g.numel()):
                 if offset + i in self.mask:
                     dense[i] = 1.0
@@ -367,14 +373,14 @@ def reference_bar_rescale(
     decisions = []
     alpha = bar_alpha(t, total_steps, mu0, schedule)
     for (a, b), lr in zip(pairs, learning_rates):
-        grad_a = a.grad.float().norm().item() if a.grad is not None else 0.0
-        grad_b = b.grad.float().norm().item() if b.grad is not None else 0.0
+        grad_a = wide(a.grad).norm().item() if a.grad is not None else 0.0
+        grad_b = wide(b.grad).norm().item() if b.grad is not None else 0.0
         if skip or (grad_a == 0.0 and grad_b == 0.0):
             decisions.append("alone")
             continue
         c = alpha * lr
         # nBAR: A grows when ||g_A|| >= ||g_B||; oBAR: A grows when ||A|| < ||B||
-        a_up = grad_a >= grad_b if rule == "nbar" else a.float().norm().item() < b.float().norm().item()
+        a_up = grad_a >= grad_b if rule == "nbar" else wide(a).norm().item() < wide(b).norm().item()
         a.mul_(1 + c if a_up else 1 - c)
         b.mul_(1 - c if a_up else 1 + c)
         decisions.append("A up" if a_up else "A down")
@@ -383,7 +389,7 @@ def reference_bar_rescale(
 
 def balancedness(pairs: list[tuple[Tensor, Tensor]]) -> list[float]:
     """|½(||A||² − ||B||²)| of each pair."""
-    return [abs(0.5 * (a.float().norm().item() ** 2 - b.float().norm().item() ** 2)) for a, b in pairs]
+    return [abs(0.5 * (wide(a).norm().item() ** 2 - wide(b).norm().item() ** 2)) for a, b in pairs]
 
 
 def reference_bar_run(

@@ -140,6 +140,25 @@ def test_skipped_step_leaves_weights_and_optimizer_state_untouched():
     assert all(torch.equal(a, b) for a, b in zip(momentum_1, momentum_2))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam_fused"])
+def test_a_skipped_step_stays_out_of_the_sam_metrics(optimizer):
+    """GradScaler skips the step with an inf in pass 2: its sharpness (inf) is not logged, so the epoch mean of
+    ``sam/sharpness`` stays the mean over the steps that were taken."""
+    logged = []
+
+    class Recorder(SAMCallback.__mro__[1]):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(trainer.callback_metrics.get("sam/sharpness_step"))
+
+    module = Poisoned(make_mlp(), optimizer=optimizer, poison=((1, "pass2"),))
+    trainer = quiet_trainer(max_epochs=1, plugins=[fp16_plugin()], callbacks=[SAMCallback("sam"), Recorder()])
+    trainer.fit(module, fixed_loader(n=64, batch_size=16))
+    assert torch.isfinite(trainer.callback_metrics["sam/sharpness_epoch"])
+    assert all(value is not None and torch.isfinite(value) for value in logged)
+    taken = [logged[0], logged[2], logged[3]]  # step 1 logged nothing new (its step value is step 0's)
+    torch.testing.assert_close(trainer.callback_metrics["sam/sharpness_epoch"], torch.stack(taken).mean())
+
+
 def test_fused_adam_fp16_matches_reference():
     pytest.importorskip("torch")
     net = make_mlp()

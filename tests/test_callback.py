@@ -196,3 +196,93 @@ def test_dropout_matches_a_plain_loop_drawing_the_same_masks():
     trainer.fit(module, loader)
     for p, q in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- configurations SAM rejects
+def test_lbfgs_is_rejected_before_training():
+    class WithLBFGS(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1)
+
+    module = WithLBFGS(make_mlp())
+    steps = []
+    module.training_step = lambda batch, batch_idx: steps.append(batch_idx)  # never reached
+    with pytest.raises(ValueError, match=r"does not support torch\.optim\.LBFGS"):
+        quiet_trainer(max_steps=2, callbacks=[SAMCallback("sam")]).fit(module, fixed_loader())
+    assert steps == []
+
+
+class TwoEvaluations(torch.optim.SGD):
+    """A first-order optimizer whose step evaluates the closure twice (as a line search would)."""
+
+    def step(self, closure=None):
+        closure()
+        return super().step(closure)
+
+
+def test_an_optimizer_evaluating_its_closure_twice_gets_a_clear_error():
+    class WithTwoEvaluations(Classifier):
+        def configure_optimizers(self):
+            return TwoEvaluations(self.parameters(), lr=0.1)
+
+    module = WithTwoEvaluations(make_mlp())
+    callback = SAMCallback("sam")
+    with pytest.raises(RuntimeError, match="evaluated its closure more than once"):
+        quiet_trainer(max_steps=2, callbacks=[callback]).fit(module, fixed_loader())
+    assert not callback.engine.is_perturbed
+
+
+def test_two_sam_callbacks_are_rejected_at_setup():
+    module = Classifier(make_mlp())
+    trainer = quiet_trainer(max_steps=2, callbacks=[SAMCallback("sam"), SAMCallback("asam")])
+    with pytest.raises(RuntimeError, match="has 2 SAMCallbacks"):
+        trainer.fit(module, fixed_loader())
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("name", ["sync_ascent", "skip_nonfinite"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_boolean_options_must_be_booleans(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        SAMCallback("sam", **{name: value})
+
+
+# ---------------------------------------------------------------------------------------------- non-finite pass 2
+class DivergingAtPerturbedWeights(Classifier):
+    """The loss is NaN in pass 2 of the optimizer steps in ``bad`` (the perturbed point diverged)."""
+
+    def __init__(self, net, bad):
+        super().__init__(net)
+        self.bad = bad
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if in_second_pass() and self.trainer.global_step in self.bad:
+            loss = loss * float("nan")
+        return loss
+
+
+def test_non_finite_second_pass_skips_the_update_with_a_warning():
+    net = make_mlp()
+    batches = list(fixed_loader(n=64, batch_size=16))
+    module = DivergingAtPerturbedWeights(copy.deepcopy(net), bad={1, 2})
+    callback = SAMCallback("sam")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
+    with pytest.warns(UserWarning, match="not finite at global step 1: this optimizer step is skipped"):
+        trainer.fit(module, fixed_loader(n=64, batch_size=16))
+    assert trainer.global_step == 4 and callback.engine.step_count == 4
+    reference = copy.deepcopy(net)
+    optimizer = make_optimizer("sgd", reference.parameters())
+    for index in (0, 3):  # the steps that were not skipped; the momentum buffer is untouched by the others
+        reference_sam_step(reference, cross_entropy_of(batches[index]), optimizer, "sam", 0.05)
+    for p, q in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    sharpness = trainer.callback_metrics["sam/sharpness_epoch"]
+    assert torch.isfinite(sharpness)  # the skipped steps' values stayed out of the epoch mean
+
+
+def test_skip_nonfinite_false_lets_the_step_through():
+    module = DivergingAtPerturbedWeights(make_mlp(), bad={1})
+    trainer = quiet_trainer(max_steps=2, callbacks=[SAMCallback("sam", skip_nonfinite=False)])
+    trainer.fit(module, fixed_loader())
+    assert not all(torch.isfinite(p).all() for p in module.net.parameters())

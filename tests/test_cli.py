@@ -53,3 +53,24 @@ def test_lightning_cli_override_and_unknown_option(tmp_path):
     assert callback.variant_options["sparsity"] == 0.9
     with pytest.raises(SystemExit):
         cli.main(["fit", "--config", config, "--trainer.callbacks.init_args.not_an_option=1"])
+
+
+@pytest.mark.parametrize("variant", ["ssam", "xsam", "bar"])
+def test_lightning_cli_with_max_steps_alone(tmp_path, variant):
+    """trainer.max_steps without max_epochs (the usual transformer setup): the epoch length comes from the loaded
+    train dataloader (512 samples / batch 32 = 16 steps)."""
+    import cli
+
+    config = os.path.join(EXAMPLES, "sam_cli.yaml")
+    args = ["fit", "--config", config, "--trainer.max_epochs=null", "--trainer.max_steps=3"]
+    args += [f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks.init_args.variant={variant}"]
+    if variant != "ssam":  # the example config sets SSAM's options
+        args += ["--trainer.callbacks.init_args.sparsity=null", "--trainer.callbacks.init_args.num_samples=null"]
+    if variant == "bar":
+        pairs = "[[net.0.weight, net.3.weight]]"
+        args += ["--trainer.callbacks.init_args.rho=null", f"--trainer.callbacks.init_args.pairs={pairs}"]
+    run = cli.main(args)
+    callback = next(c for c in run.trainer.callbacks if isinstance(c, SAMCallback))
+    assert run.trainer.global_step == 3 and callback.engine.step_count == 3
+    derived = {"ssam": "mask_every", "xsam": "alpha_every", "bar": "total_steps"}[variant]
+    assert getattr(callback.engine.variant, derived) == (3 if variant == "bar" else 16)

@@ -115,3 +115,50 @@ def test_mixin_keeps_one_engine_per_optimizer():
     assert engines[0].names == ["net.0.weight", "net.0.bias"]
     assert engines[1].names == ["net.2.weight", "net.2.bias"]
     assert engines[0].step_count == engines[1].step_count == 2
+
+
+def test_mixin_rejects_lbfgs_before_training():
+    class WithLBFGS(ManualSAM):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1)
+
+    module = WithLBFGS(make_mlp())
+    with pytest.raises(ValueError, match=r"SAMMixin does not support torch\.optim\.LBFGS"):
+        quiet_trainer(max_steps=2).fit(module, fixed_loader())
+    assert module.sam_engine is None
+
+
+class ManualDiverging(ManualSAM):
+    """The loss is NaN at the perturbed weights on step 1 (the second call of the loss function that step)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        calls = []
+
+        def loss_fn():
+            calls.append(1)
+            loss = F.cross_entropy(self(x), y)
+            return loss * float("nan") if batch_idx == 1 and len(calls) == 2 else loss
+
+        return self.sam_step(loss_fn)
+
+
+def test_mixin_skips_a_step_whose_second_pass_is_not_finite():
+    net = make_mlp()
+    batches = list(fixed_loader(n=48, batch_size=16))
+    module = ManualDiverging(copy.deepcopy(net))
+    trainer = quiet_trainer(max_epochs=1)
+    with pytest.warns(UserWarning, match="not finite at global step 1"):
+        trainer.fit(module, fixed_loader(n=48, batch_size=16))
+    reference = copy.deepcopy(net)
+    optimizer = make_optimizer("sgd", reference.parameters())
+    for index in (0, 2):
+        reference_sam_step(reference, cross_entropy_of(batches[index]), optimizer, "sam", 0.05)
+    for p, q in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert module.sam_engine.step_count == trainer.global_step == 3  # the skipped step counts, as GradScaler's do
+
+
+def test_mixin_sync_ascent_must_be_a_boolean():
+    with pytest.raises(TypeError, match="sync_ascent must be True or False"):
+        ManualSAM(make_mlp(), sync_ascent="yes")

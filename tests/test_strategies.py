@@ -16,12 +16,16 @@ from lightning_sam import SAMCallback
 from lightning_sam.distributed import check_static_graph, check_strategy
 
 
-def reference_accumulated_sam(net, batches, accumulate, variant="sam", rho=0.05, clip=None, clip_algorithm="norm"):
+def reference_accumulated_sam(
+    net, batches, accumulate, variant="sam", rho=0.05, clip=None, clip_algorithm="norm", skipped=frozenset()
+):
     """SAM on windows of ``accumulate`` micro-batches, each forwarded separately, losses divided by ``accumulate``
-    (also on a partial last window, as Lightning does)."""
+    (also on a partial last window, as Lightning does). Micro-batches whose index is in ``skipped`` (training_step
+    returned None) take part in neither pass."""
     net = copy.deepcopy(net)
     optimizer = make_optimizer("sgd", net.parameters())
-    windows = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)]
+    indices = range(0, len(batches), accumulate)
+    windows = [[b for j, b in enumerate(batches[i : i + accumulate], i) if j not in skipped] for i in indices]
     for window in windows:
         optimizer.zero_grad()
         for batch in window:
@@ -57,6 +61,27 @@ def test_accumulation_equals_sam_on_the_window(accumulate, n):
     trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=accumulate, callbacks=[callback])
     trainer.fit(module, loader)
     assert callback.engine.step_count == -(-len(loader) // accumulate)
+    for p, q in zip(module.net.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def test_accumulation_replays_only_the_micro_batches_that_returned_a_loss():
+    """training_step returns None for some micro-batches (in both passes, as plain Lightning allows): pass 2
+    replays exactly the micro-batches whose pass 1 reached backward."""
+    skipped = {1, 4}
+
+    class Skipping(Classifier):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx in skipped else super().training_step(batch, batch_idx)
+
+    net = make_mlp()
+    loader = fixed_loader(n=128, batch_size=16)
+    expected = reference_accumulated_sam(net, list(loader), 2, skipped=skipped)
+    module = Skipping(copy.deepcopy(net))
+    callback = SAMCallback("sam")
+    trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[callback])
+    trainer.fit(module, loader)
+    assert callback.engine.step_count == trainer.global_step == 4
     for p, q in zip(module.net.parameters(), expected.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 

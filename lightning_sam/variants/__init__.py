@@ -9,7 +9,7 @@ import inspect
 from typing import Any
 
 from lightning_sam.variants.bar import BAR
-from lightning_sam.variants.base import StepTensors, Variant
+from lightning_sam.variants.base import RunLength, StepTensors, Variant
 from lightning_sam.variants.fsam import FSAM
 from lightning_sam.variants.looksam import LookSAM
 from lightning_sam.variants.sam import ASAM, SAM
@@ -60,4 +60,12 @@ def make_variant(name: str, rho: float | None = None, **options: Any) -> Variant
     return cls(rho=rho, **options)
 
 
-__all__ = ["StepTensors", "Variant", "available_variants", "make_variant", "variant_class", "variant_options"]
+__all__ = [
+    "RunLength",
+    "StepTensors",
+    "Variant",
+    "available_variants",
+    "make_variant",
+    "variant_class",
+    "variant_options",
+]

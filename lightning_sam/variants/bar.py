@@ -11,7 +11,8 @@ holds ``A``), per pair::
     alpha_t = mu0 * s(t / T),  s = linear 1 - u (default) | cosine ½(1 + cos πu) | constant 1
 
 ``t = 0, 1, ...`` is the index of the optimizer step (skipped GradScaler steps count), ``T`` the total number of
-optimizer steps (``u`` is clipped to 1 past ``T``). Norms are Frobenius, per pair, in fp32. A pair whose two
+optimizer steps (``u`` is clipped to 1 past ``T``). Norms are Frobenius, per pair, in fp32 (fp64 when the
+factors are fp64; the factors ``1 ± c`` are formed in that dtype too). A pair whose two
 gradient norms are both 0 (or that has no gradient at all) is left alone, for either rule. A step the optimizer
 skips (``skip == 1``) rescales nothing, without a host sync. Every other trained parameter gets a plain step.
 
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sam.variants.base import StepTensors, Variant
+from lightning_sam.tensor_ops import accumulation_dtype
+from lightning_sam.variants.base import RunLength, StepTensors, Variant
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class _DeviceGroup:
         self.positions = positions  # indices into BAR.found_pairs
         self.size = len(a)
         self.factors = a + b
-        self.zero = torch.zeros((), dtype=torch.float32, device=device)  # the norm of a missing gradient
+        self.zero = torch.zeros((), dtype=torch.float32, device=device)  # a missing gradient's norm (dtype: _rescale_)
 
 
 class BAR(Variant):
@@ -114,6 +116,7 @@ class BAR(Variant):
     """
 
     name = "bar"
+    uses_run_length = True
     default_rho = 1.0  # placeholder the engine's per-group checks accept; BAR never perturbs
 
     def __init__(
@@ -164,10 +167,12 @@ class BAR(Variant):
         self._groups: list[_DeviceGroup] = []
 
     @classmethod
-    def trainer_defaults(cls, options: dict[str, Any], steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
-        if options.get("schedule", "linear") == "constant":
+    def trainer_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
+        schedule = options.get("schedule", "linear")
+        if schedule == "constant" or "total_steps" in options:
             return {}
-        return {"total_steps": max(1, total_steps)}
+        what = f"its {schedule} schedule needs the run length"
+        return {"total_steps": max(1, run.total("bar", what, "total_steps"))}
 
     # ----------------------------------------------------------------- setup
     def bind(self, names: list[str], params: list[Tensor]) -> None:
@@ -279,25 +284,30 @@ class BAR(Variant):
         present = [g for g in grads if g is not None]
         if not present:
             return  # no gradient at all: every pair is left alone
-        computed = iter(torch._foreach_norm(present, 2, dtype=torch.float32))
+        # Norms, signs and factors in at least fp32 (fp64 for fp64 factors), read at each step: the module may be
+        # converted (e.g. precision="64-true") after bind.
+        dtype = accumulation_dtype(group.factors)
+        if group.zero.dtype != dtype:
+            group.zero = torch.zeros((), dtype=dtype, device=group.device)
+        computed = iter(torch._foreach_norm(present, 2, dtype=dtype))
         grad_norms = torch.stack([group.zero if g is None else next(computed) for g in grads])
         norm_a, norm_b = grad_norms[:size], grad_norms[size:]
         active = (norm_a > 0) | (norm_b > 0)
         if self.rule == "nbar":
-            sign = torch.where(norm_a >= norm_b, 1.0, -1.0)
+            sign = torch.where(norm_a >= norm_b, 1.0, -1.0).to(dtype)  # no-op for fp32
         else:
-            weights = torch.stack(torch._foreach_norm(group.factors, 2, dtype=torch.float32))
-            sign = torch.where(weights[:size] >= weights[size:], -1.0, 1.0)
+            weights = torch.stack(torch._foreach_norm(group.factors, 2, dtype=dtype))
+            sign = torch.where(weights[:size] >= weights[size:], -1.0, 1.0).to(dtype)
         sign = sign * active
         if skip is not None:
-            sign = sign * (1.0 - skip.to(device=group.device, dtype=torch.float32).reshape(()))
+            sign = sign * (1.0 - skip.to(device=group.device, dtype=dtype).reshape(()))
         if not any(isinstance(c, Tensor) for c in coefficients):  # Python numbers: no host-device copy
             if all(c == coefficients[0] for c in coefficients):
                 scaled = sign * coefficients[0]  # the usual case: one learning rate for every pair
             else:
                 scaled = torch.stack(torch._foreach_mul(list(sign.unbind()), coefficients))  # type: ignore[arg-type]
         else:  # tensor learning rates (e.g. capturable optimizers): stay on the device
-            rates = [torch.as_tensor(c, dtype=torch.float32).to(group.device).reshape(()) for c in coefficients]
+            rates = [torch.as_tensor(c, dtype=dtype).to(group.device).reshape(()) for c in coefficients]
             scaled = sign * torch.stack(rates)
         factors = torch.cat([1.0 + scaled, 1.0 - scaled])
         torch._foreach_mul_(group.factors, list(factors.unbind()))
@@ -305,13 +315,14 @@ class BAR(Variant):
     # ----------------------------------------------------------------- logging
     @torch.no_grad()
     def balancedness(self) -> Tensor:
-        """``|½(||A||² − ||B||²)|`` of every pair (fp32, in ``found_pairs`` order, on the first pair's device)."""
+        """``|½(||A||² − ||B||²)|`` of every pair (fp32, fp64 when a factor is fp64; in ``found_pairs`` order, on
+        the first pair's device)."""
         if not self._groups:
             raise RuntimeError("bar: bind() was not called")
         parts, order = [], []
         target = self._groups[0].device
         for group in self._groups:
-            norms = torch.stack(torch._foreach_norm(group.factors, 2, dtype=torch.float32))
+            norms = torch.stack(torch._foreach_norm(group.factors, 2, dtype=accumulation_dtype(group.factors)))
             squares = norms * norms
             parts.append((0.5 * (squares[: group.size] - squares[group.size :])).abs().to(target))
             order.extend(group.positions)

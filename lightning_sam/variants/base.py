@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_sam.tensor_ops import global_norm
+from lightning_sam.tensor_ops import accumulation_dtype, global_norm
 
 
 def sum_over_ranks_(tensor: Tensor) -> Tensor:
@@ -33,6 +33,34 @@ def sum_over_ranks_(tensor: Tensor) -> Tensor:
     if distributed and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """What the Lightning adapters know of the run, in optimizer steps, for options derived from it.
+
+    ``steps_per_epoch`` (the loaded train dataloader's batches after ``limit_train_batches``, divided by
+    ``accumulate_grad_batches``, rounded up) and ``total_steps`` (the run's length: ``max_steps`` or ``max_epochs``
+    epochs, whichever ends the run first) are ``None`` when they cannot be known; ``why_no_epoch`` /
+    ``why_no_total`` then say why, for the variant's error message.
+    """
+
+    steps_per_epoch: int | None
+    total_steps: int | None
+    why_no_epoch: str = "the epoch length is unknown"
+    why_no_total: str = "the run length is unknown"
+
+    def epoch(self, variant: str, what: str, option: str) -> int:
+        """The epoch length, or an error naming the option the user must pass instead (``what`` needs it)."""
+        if self.steps_per_epoch is None:
+            raise ValueError(f"{variant}: {what}, but {self.why_no_epoch}. Pass {option}=<optimizer steps>.")
+        return self.steps_per_epoch
+
+    def total(self, variant: str, what: str, option: str) -> int:
+        """The run length, or an error naming the option the user must pass instead (``what`` needs it)."""
+        if self.total_steps is None:
+            raise ValueError(f"{variant}: {what}, but {self.why_no_total}. Pass {option}=<optimizer steps>.")
+        return self.total_steps
 
 
 @dataclass
@@ -65,6 +93,7 @@ class Variant(ABC):
     name: ClassVar[str] = ""
     default_rho: ClassVar[float] = 0.05
     dense_save: ClassVar[bool] = True  # the engine keeps a full saved copy; False: save_/restore_ do it
+    uses_run_length: ClassVar[bool] = False  # trainer_defaults derives options from the epoch / run length
     per_rank_state: bool = False  # state differs between DDP ranks (checkpointed for every rank); may be per instance
 
     def __init__(self, rho: float | None = None) -> None:
@@ -83,13 +112,15 @@ class Variant(ABC):
         self.all_reduce_sum_ = all_reduce_sum_
 
     def sum_tensors_over_ranks_(self, tensors: list[Tensor]) -> None:
-        """Sum ``tensors`` over ranks in place, through one fp32 flat buffer (one all-reduce); nothing to do on
-        a single process."""
+        """Sum ``tensors`` over ranks in place, through one flat buffer (one all-reduce) in their
+        :func:`~lightning_sam.tensor_ops.accumulation_dtype` (fp32, or fp64 when any is fp64); nothing to do on a
+        single process."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         if torch.distributed.get_world_size() == 1:
             return
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dtype = accumulation_dtype(tensors)
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
         self.all_reduce_sum_(flat)
         for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
             t.copy_(part.reshape(t.shape))
@@ -97,7 +128,8 @@ class Variant(ABC):
     # ----------------------------------------------------------------- the rule
     @abstractmethod
     def direction_(self, step: StepTensors) -> Tensor:
-        """Overwrite ``step.grads`` with the unnormalized ascent direction ``u``; return ``n`` (fp32, 0-dim).
+        """Overwrite ``step.grads`` with the unnormalized ascent direction ``u``; return ``n`` (0-dim, in the
+        :func:`~lightning_sam.tensor_ops.accumulation_dtype` of the gradients: fp32, or fp64 for fp64 ones).
 
         The engine then sets ``w <- w + rho * u / (n + eps)``. ``step.params`` hold the current point on entry and
         must hold it again on return (at the first ascent, ``step.ascent == 0``, that point equals ``step.saved``).
@@ -126,8 +158,12 @@ class Variant(ABC):
         return None
 
     @classmethod
-    def trainer_defaults(cls, options: dict[str, Any], steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
-        """Options the Lightning adapters fill in from the Trainer when the user did not give them."""
+    def trainer_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
+        """Options the Lightning adapters fill in from the Trainer when the user did not give them.
+
+        ``options`` are the user's; return only options missing there. Raise (through ``run.epoch`` /
+        ``run.total``) when a missing option needs a length the run cannot tell, naming the option to pass.
+        """
         return {}
 
     def save_(self, step: StepTensors) -> None:
@@ -135,7 +171,8 @@ class Variant(ABC):
         torch._foreach_copy_(step.saved, step.params)
 
     def apply_(self, step: StepTensors) -> Tensor:
-        """Add the perturbation ``e`` (already in ``step.grads``) to the weights; return ``||e||`` (fp32)."""
+        """Add the perturbation ``e`` (already in ``step.grads``) to the weights; return ``||e||`` (fp32, or fp64
+        for fp64 tensors)."""
         norm = global_norm(step.grads)
         torch._foreach_add_(step.params, step.grads)
         return norm

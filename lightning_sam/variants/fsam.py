@@ -10,10 +10,12 @@ direction and keep the batch-specific noise. Per element, per trained tensor, at
 ``adaptive=True`` scales ``d`` as ASAM does with ``eta = 0``: ``e = rho * w^2 * d / (||w * d|| + eps)``.
 Defaults: ``rho = 0.05``, ``sigma = 1.0``, ``lmbda = 0.9``, ``adaptive = False``.
 
-State: ``m`` per trained tensor, in fp32 whatever the parameter dtype, keyed by parameter name, and the number
-of ascents done. ``m`` is only updated when the engine asks for a direction (a step skipped because pass 1 was
-not finite leaves it untouched). A tensor seen for the first time after step 1 (e.g. unfrozen) starts with
-``m = g``, ``d = g`` for that tensor; a tensor that has no gradient in a step keeps its ``m`` unchanged.
+State: ``m`` per trained tensor, keyed by parameter name, and the number of ascents done. ``m`` is kept in at least
+fp32: ``promote_types(dtype, float32)`` of the gradient, i.e. fp32 for fp16 / bf16 / fp32 parameters and fp64 for
+fp64 ones (a loaded ``m`` too, whatever dtype it was stored in). ``m`` is only updated when the engine asks for a
+direction (a step skipped because pass 1 was not finite leaves it untouched). A tensor seen for the first time
+after step 1 (e.g. unfrozen) starts with ``m = g``, ``d = g`` for that tensor; a tensor that has no gradient in a
+step keeps its ``m`` unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sam.tensor_ops import global_norm
+from lightning_sam.tensor_ops import global_norm, widened_dtype
 from lightning_sam.variants.base import StepTensors, Variant
 
 
@@ -41,9 +43,10 @@ class FSAM(Variant):
         lmbda: EMA decay, in ``[0, 1)`` (default 0.9).
         adaptive: ASAM's scaling with ``eta = 0`` on ``d``: ``e = rho * w^2 * d / (||w * d|| + eps)``.
 
-    Memory: one fp32 buffer the size of the trained parameters (``m``), allocated once per tensor when it first
-    takes part. The per-step work allocates nothing parameter-sized: the weights serve as scratch for the raw
-    gradient (they equal the engine's saved copy at the ascent and are copied back from it bit-exactly).
+    Memory: one buffer the size of the trained parameters (``m``; fp32, fp64 for fp64 parameters), allocated once
+    per tensor when it first takes part. The per-step work allocates nothing parameter-sized: the weights serve as
+    scratch for the raw gradient (they equal the engine's saved copy at the ascent and are copied back from it
+    bit-exactly).
     """
 
     name = "fsam"
@@ -64,7 +67,7 @@ class FSAM(Variant):
         self.lmbda = float(lmbda)
         self.adaptive = adaptive
         self.steps = 0  # ascents done (t - 1 during an ascent)
-        self._ema: dict[str, Tensor] = {}  # name -> m (fp32, on the parameter's device)
+        self._ema: dict[str, Tensor] = {}  # name -> m (>= fp32, on the parameter's device)
         self._loaded: dict[str, Tensor] = {}  # name -> m from load_state_dict, not yet moved to its device
         self._cache_names: list[str] | None = None
         self._cache_ready: list[int] = []
@@ -97,7 +100,7 @@ class FSAM(Variant):
                 fresh = set(ready)
                 for i, name in enumerate(names):
                     if i not in fresh:
-                        self._ema[name] = grads[i].detach().to(dtype=torch.float32, copy=True)
+                        self._ema[name] = grads[i].detach().to(dtype=widened_dtype(grads[i].dtype), copy=True)
                 self._cache_names = None  # they are ready from the next step on
             if self.adaptive:
                 torch._foreach_mul_(grads, saved)  # w * d (||w * d|| = || |w| * d ||)
@@ -120,8 +123,8 @@ class FSAM(Variant):
                     f"fsam: the EMA of {name!r} has shape {tuple(m.shape)} but its gradient {tuple(grad.shape)}; "
                     "was this state saved for another model?"
                 )
-            if name not in self._ema:  # loaded: take our own fp32 copy, on the parameter's device
-                m = self._loaded.pop(name).detach().to(device=grad.device, dtype=torch.float32, copy=True)
+            if name not in self._ema:  # loaded: take our own copy (>= fp32, as the gradient), on its device
+                m = self._loaded.pop(name).detach().to(device=grad.device, dtype=widened_dtype(grad.dtype), copy=True)
             elif m.device != grad.device:
                 m = m.to(device=grad.device)
             self._ema[name] = m
@@ -131,14 +134,15 @@ class FSAM(Variant):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """``{"step": ascents done, "ema": {name: m}}``; ``m`` are the live fp32 tensors (no copy), as
+        """``{"step": ascents done, "ema": {name: m}}``; ``m`` are the live tensors (no copy), as
         ``torch.optim.Optimizer.state_dict`` does: clone them to keep a snapshot."""
         ema = dict(self._loaded)
         ema.update(self._ema)
         return {"step": self.steps, "ema": ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. The tensors are copied to the parameter's device (fp32) when first used."""
+        """Restore :meth:`state_dict`. Each tensor is copied to its parameter's device, in
+        ``promote_types(dtype, float32)`` of the gradient (fp64 for fp64 parameters), when first used."""
         if not state:
             self.steps, self._ema, self._loaded, self._cache_names = 0, {}, {}, None
             return
@@ -148,7 +152,7 @@ class FSAM(Variant):
         ema = state["ema"]
         if not isinstance(ema, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in ema.items()):
             raise ValueError("fsam: state['ema'] must map parameter names to tensors")
-        # Kept as given; each is copied to its parameter's device (fp32) when the parameter first takes part, so
+        # Kept as given; each is copied to its parameter's device (>= fp32) when the parameter first takes part, so
         # the caller's tensors are never updated in place and no second copy is made on the wrong device.
         self._loaded = dict(ema)
         self._ema = {}

@@ -10,10 +10,11 @@ On the other steps there is one pass only, and the descent gradient is::
 
     g + alpha * (||g|| / (||g_v|| + 1e-12)) * g_v
 
-Global vectors, norms in fp32. Defaults ``rho = 0.05``, ``k = 5``, ``alpha = 0.7``. State: ``g_v`` (one
-parameter-sized buffer, fp32, checkpointed by parameter name). Under DDP with a local pass 1, ``g`` differs per
-rank while ``g_v`` enters later descents, so on SAM steps ``g`` is summed over ranks first (the projection is
-invariant to the scale of ``g``): one extra all-reduce every ``k`` steps.
+Global vectors; norms, inner products and ``g_v`` in at least fp32 (``promote_types(dtype, float32)``: fp32 for
+fp16 / bf16 / fp32 parameters, fp64 for fp64 ones). Defaults ``rho = 0.05``, ``k = 5``, ``alpha = 0.7``. State:
+``g_v`` (one parameter-sized buffer in that dtype, checkpointed by parameter name; loaded back in that dtype).
+Under DDP with a local pass 1, ``g`` differs per rank while ``g_v`` enters later descents, so on SAM steps ``g`` is
+summed over ranks first (the projection is invariant to the scale of ``g``): one extra all-reduce every ``k`` steps.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sam.tensor_ops import global_norm
+from lightning_sam.tensor_ops import global_norm, widen, widened_dtype
 from lightning_sam.variants.base import StepTensors, Variant
 
 TINY = 1e-12
@@ -60,7 +61,7 @@ class LookSAM(Variant):
     def _buffers(self, names: list[str]) -> list[Tensor]:
         for name, p in zip(self._names, self._params):
             if name not in self._gv:
-                self._gv[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                self._gv[name] = torch.zeros(p.shape, dtype=widened_dtype(p.dtype), device=p.device)
         return [self._gv[name] for name in names]
 
     def needs_second_pass(self, step_index: int) -> bool:
@@ -74,7 +75,7 @@ class LookSAM(Variant):
     def descent_(self, step: StepTensors) -> None:
         g = self._buffers(step.names)
         self.sum_tensors_over_ranks_(g)  # g_v must agree on every rank; the projection ignores the sum's scale
-        g_s = [x.float() if x.dtype != torch.float32 else x for x in step.grads]
+        g_s = [widen(x) for x in step.grads]  # no copy for fp32 / fp64 gradients
         dot = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g_s, g)]).sum()
         norm_sq = global_norm(g) ** 2
         torch._foreach_mul_(g, -dot / (norm_sq + TINY))
@@ -86,7 +87,7 @@ class LookSAM(Variant):
             return  # no SAM step yet (e.g. resumed without state): a plain step
         g_v = self._buffers(step.names)
         coefficient = self.alpha * global_norm(step.grads) / (global_norm(g_v) + TINY)
-        if all(g.dtype == torch.float32 for g in step.grads):
+        if all(g.dtype == v.dtype for g, v in zip(step.grads, g_v)):  # fp32 / fp64: in place, no allocation
             torch._foreach_addcmul_(step.grads, g_v, [coefficient] * len(g_v))
         else:
             for grad, v in zip(step.grads, g_v):
@@ -99,7 +100,7 @@ class LookSAM(Variant):
         self._have_gv = bool(state.get("have_gv", False))
         by_name = dict(zip(self._names, self._params))
         self._gv = {
-            name: t.to(device=by_name[name].device, dtype=torch.float32).clone()
+            name: t.to(device=by_name[name].device, dtype=widened_dtype(by_name[name].dtype), copy=True)
             for name, t in state.get("g_v", {}).items()
             if name in by_name
         }

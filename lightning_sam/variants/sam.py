@@ -8,8 +8,8 @@ ASAM, with the element-wise scale ``T = |w| + eta`` on every trained tensor (wei
 
     e = rho * T^2 * g / (||T * g|| + eps)          descent gradient = g_adv
 
-Norms are one global L2 norm over all trained parameters, in fp32; ``eps = 1e-12``; ``T`` uses ``w``
-before the ascent. Defaults: SAM ``rho = 0.05``; ASAM ``rho = 0.5``, ``eta = 0.01``.
+Norms are one global L2 norm over all trained parameters, in fp32 (fp64 for fp64 parameters); ``eps = 1e-12``;
+``T`` uses ``w`` before the ascent. Defaults: SAM ``rho = 0.05``; ASAM ``rho = 0.5``, ``eta = 0.01``.
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sam.tensor_ops import global_norm
+from lightning_sam.tensor_ops import accumulation_dtype, global_norm, widen, widened_dtype
 from lightning_sam.variants import ssam_masks as masks
-from lightning_sam.variants.base import StepTensors, Variant
+from lightning_sam.variants.base import RunLength, StepTensors, Variant
 
 MASKS = ("fisher", "dst")
 PATTERNS = ("unstructured", "structured", "n:m")
@@ -64,6 +64,7 @@ class SSAM(Variant):
     """
 
     name = "ssam"
+    uses_run_length = True
     default_rho = 0.05
     dense_save = False
 
@@ -134,9 +135,20 @@ class SSAM(Variant):
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     @classmethod
-    def trainer_defaults(cls, options: dict[str, Any], steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
-        epochs = 5 if options.get("mask", "fisher") == "dst" else 1
-        return {"mask_every": max(1, steps_per_epoch * epochs), "total_steps": max(1, total_steps)}
+    def trainer_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
+        dst = options.get("mask", "fisher") == "dst"
+        defaults: dict[str, Any] = {}
+        if "mask_every" not in options:
+            period = "every 5 epochs" if dst else "once per epoch"
+            what = f"its {'DST' if dst else 'Fisher'} mask is refreshed {period} by default"
+            defaults["mask_every"] = max(1, run.epoch("ssam", what, "mask_every") * (5 if dst else 1))
+        if "total_steps" not in options:
+            if dst:
+                what = "mask='dst' anneals its drop rate over the whole run"
+                defaults["total_steps"] = max(1, run.total("ssam", what, "total_steps"))
+            elif run.total_steps is not None:
+                defaults["total_steps"] = max(1, run.total_steps)
+        return defaults
 
     # ------------------------------------------------------------------ setup
     def bind(self, names: list[str], params: list[Tensor]) -> None:
@@ -182,7 +194,7 @@ class SSAM(Variant):
             index = self._device_index[name]
             if index is None:
                 p.add_(e)
-                flat = e.reshape(-1).float()
+                flat = widen(e.reshape(-1))  # >= fp32 (fp64 for fp64), no copy for fp32 / fp64
                 squares.append(torch.dot(flat, flat))
             elif index.numel():
                 if e.dtype == p.dtype:
@@ -191,10 +203,10 @@ class SSAM(Variant):
                 else:  # gradients in another dtype than the weights: rare, pays a small allocation
                     kept = e.reshape(-1).index_select(0, index).to(p.dtype)
                 p.reshape(-1).index_add_(0, index, kept)
-                flat = kept.float()
+                flat = widen(kept)
                 squares.append(torch.dot(flat, flat))
         if not squares:
-            return torch.zeros((), device=step.params[0].device)
+            return torch.zeros((), dtype=accumulation_dtype(step.grads), device=step.params[0].device)
         device = squares[0].device
         return torch.stack([s.to(device) for s in squares]).sum().sqrt()
 
@@ -246,8 +258,10 @@ class SSAM(Variant):
         assert self._kept is not None and self.total_steps is not None
         started = time.perf_counter()
         by_name = dict(zip(step.names, step.grads))
-        grads = [
-            by_name[name].detach().float().clone() if name in by_name else torch.zeros(p.shape, device=p.device)
+        grads = [  # fresh copies in >= fp32 (fp64 for fp64 parameters): summed over ranks in place below
+            by_name[name].detach().to(dtype=widened_dtype(p.dtype), copy=True)
+            if name in by_name
+            else torch.zeros(p.shape, dtype=widened_dtype(p.dtype), device=p.device)
             for name, p in zip(self._names, self._params)
         ]
         self.sum_tensors_over_ranks_(grads)  # the pass-1 gradient summed over ranks: the same mask everywhere
@@ -332,7 +346,10 @@ class SSAM(Variant):
         self._completed_at = int(state.get("completed_at", -1))
         self._next_dst = int(state.get("next_dst", 0))
         if "fisher" in state:
-            self._fisher = [state["fisher"][name].to(p.device) for name, p in zip(self._names, self._params)]
+            self._fisher = [  # Fisher sums in >= fp32 (fp64 for fp64 parameters), whatever dtype they were saved in
+                state["fisher"][name].to(device=p.device, dtype=widened_dtype(p.dtype))
+                for name, p in zip(self._names, self._params)
+            ]
         else:
             self._fisher = None
         if "kept" in state:

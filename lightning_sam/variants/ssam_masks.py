@@ -3,7 +3,7 @@
 A mask is a list with one entry per tensor: a sorted 1-D int64 tensor of kept flat indices (``None`` for "the
 whole tensor"). Selection runs only at a refresh; the per-step work uses the indices with static shapes.
 Ties are broken deterministically: a higher score first, then the lower flat index (stable sorts), so every
-rank given the same scores selects the same mask.
+rank given the same scores selects the same mask. Scores are compared in at least fp32 (fp64 scores stay fp64).
 
 * :func:`unstructured`: one global top-k over all coordinates, exactly ``round(N * keep)`` kept.
 * :func:`structured`: whole tensors ranked by mean score, admitted greedily until ``N * keep`` is reached (the
@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_sam.tensor_ops import widen
 
 Mask = list[Tensor | None]
 
@@ -61,7 +63,7 @@ def _top(scores: Tensor, k: int) -> Tensor:
 def unstructured(scores: Sequence[Tensor], keep: float) -> Mask:
     """Global top-k over all coordinates: exactly ``round(N * keep)`` kept."""
     sizes = [s.numel() for s in scores]
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    flat = torch.cat([widen(s.reshape(-1)) for s in scores])
     k = round(flat.numel() * keep)
     return split_global(_top(flat, k), sizes)
 
@@ -70,7 +72,7 @@ def structured(scores: Sequence[Tensor], keep: float) -> Mask:
     """Whole tensors by mean score, admitted greedily until ``N * keep`` coordinates are admitted."""
     sizes = [s.numel() for s in scores]
     budget = sum(sizes) * keep
-    means = torch.stack([s.float().mean() for s in scores])
+    means = torch.stack([widen(s).mean() for s in scores])
     order = torch.sort(means, descending=True, stable=True).indices.tolist()
     mask: Mask = [scores[i].new_zeros(0, dtype=torch.long) for i in range(len(scores))]
     admitted = 0
@@ -99,7 +101,7 @@ def n_of_m(scores: Sequence[Tensor], n: int, m: int) -> Mask:
         if not n_of_m_eligible(score.shape, m):
             mask.append(None)
             continue
-        rows = score.reshape(score.shape[0], -1).float()
+        rows = widen(score.reshape(score.shape[0], -1))
         groups = rows.reshape(rows.shape[0], -1, m)
         best = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
         base = torch.arange(groups.shape[0] * groups.shape[1], device=score.device).reshape(groups.shape[:2]) * m
@@ -127,7 +129,7 @@ def dst_update(mask: Mask, grad_magnitudes: Sequence[Tensor], drop_fraction: flo
     k = min(round(drop_fraction * live.numel()), total - live.numel())
     if k <= 0:
         return [None if kept is None else kept.cpu() for kept in mask]
-    flat = torch.cat([g.reshape(-1).float().cpu() for g in grad_magnitudes])
+    flat = torch.cat([widen(g.reshape(-1)).cpu() for g in grad_magnitudes])
     weakest = torch.sort(flat[live], stable=True).indices[:k]
     keep_live = torch.ones(live.numel(), dtype=torch.bool)
     keep_live[weakest] = False

@@ -19,6 +19,7 @@ side effects; averaged over DDP ranks) and the first argmax is kept. Between ref
 
 Under DDP with a local ascent ``w - w0`` differs per rank; it enters the descent, so it is summed over ranks
 first (one parameter-sized all-reduce per step; ``sync_ascent=True`` makes it redundant but harmless).
+Norms, ``<v0, v1>``, ``theta`` and the probe losses are computed in at least fp32 (fp64 for fp64 parameters).
 Defaults: ``rho = 0.15``, ``rho_max = 2 rho``, ``steps = 1``, ``alpha_max = 2.0``, ``alpha_step = 0.1``, initial
 ``alpha = 1.0``. Source: the authors' code (github.com/Cccjl219/XSAM, ``utils/xsam.py``), with the arccos clamped.
 """
@@ -31,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sam.tensor_ops import EPS, global_norm
-from lightning_sam.variants.base import StepTensors, Variant
+from lightning_sam.tensor_ops import EPS, global_norm, widen
+from lightning_sam.variants.base import RunLength, StepTensors, Variant
 
 
 def _positive(name: str, value: Any) -> float:
@@ -56,6 +57,7 @@ class XSAM(Variant):
     """
 
     name = "xsam"
+    uses_run_length = True
     default_rho = 0.15
 
     def __init__(
@@ -89,8 +91,11 @@ class XSAM(Variant):
         self.last_probe_losses: Tensor | None = None
 
     @classmethod
-    def trainer_defaults(cls, options: dict[str, Any], steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
-        return {"alpha_every": max(1, steps_per_epoch)}
+    def trainer_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
+        if "alpha_every" in options:
+            return {}
+        what = "its alpha search runs once per epoch by default"
+        return {"alpha_every": max(1, run.epoch("xsam", what, "alpha_every"))}
 
     @property
     def ascent_steps(self) -> int:
@@ -114,7 +119,7 @@ class XSAM(Variant):
 
     @staticmethod
     def _weights(alpha: float, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """Coefficients of v0 and v1 in v(alpha) (0-dim fp32 tensors, no host sync)."""
+        """Coefficients of v0 and v1 in v(alpha) (0-dim tensors in ``theta``'s dtype, no host sync)."""
         sin_theta = torch.sin(theta)
         degenerate = sin_theta < 1e-8
         safe = torch.where(degenerate, torch.ones_like(sin_theta), sin_theta)
@@ -161,7 +166,7 @@ class XSAM(Variant):
             torch._foreach_add_(step.params, v1, alpha=c1)
             # a training closure (clobbers the grads) needs autograd; a forward-only probe does not
             with torch.enable_grad() if step.evaluate_clobbers_grads else torch.no_grad():
-                losses.append(step.evaluate().detach().float().reshape(()))
+                losses.append(widen(step.evaluate().detach()).reshape(()))  # fp64 for an fp64 loss
         probe = torch.stack(losses)
         self.all_reduce_sum_(probe)  # the same argmax on every rank
         self.last_probe_losses = probe
@@ -201,7 +206,8 @@ def _weights_of(alpha: float, theta: float) -> tuple[float, float]:
 
 
 def sum_products(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """``<a, b>`` over two tensor lists, accumulated in fp32 (0-dim)."""
-    parts = [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b)]
+    """``<a, b>`` over two tensor lists (0-dim), accumulated in at least fp32: each pair in
+    ``promote_types(dtype, float32)`` (no copy for fp32 / fp64 tensors), the sum in fp64 when any part is fp64."""
+    parts = [torch.dot(widen(x.reshape(-1)), widen(y.reshape(-1))) for x, y in zip(a, b)]
     device = parts[0].device
     return torch.stack([p.to(device) for p in parts]).sum()

@@ -365,3 +365,42 @@ def test_dst_refresh_due_on_a_skipped_step_runs_at_the_next_ascent():
         masks.append(torch.cat([m.reshape(-1) for m in engine.variant.dense_masks().values()]).clone())
     # steps with an ascent: 0, 2, 4. The refresh due at step 3 (no ascent) runs at step 4.
     assert torch.equal(masks[0], masks[3]) and not torch.equal(masks[3], masks[4])
+
+
+def test_frozen_parameters_collect_no_samples_and_train_like_plain_steps():
+    """Every parameter in the optimizer frozen (the loss still has a gradient elsewhere): no autograd error, plain
+    steps, the optimizer's parameters unchanged."""
+    net = make_mlp()
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+    class FrozenNet(Classifier):
+        def __init__(self):
+            super().__init__(net)
+            self.extra = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + self.extra**2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(list(self.net.parameters()), lr=0.1)
+
+    module = FrozenNet()
+    before = [p.clone() for p in net.parameters()]
+    callback = SAMCallback("ssam", num_samples=4)
+    trainer = quiet_trainer(max_steps=3, callbacks=[callback])
+    trainer.fit(module, fixed_loader())
+    assert trainer.global_step == 3 and callback.engine.step_count == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_warns_when_the_first_fisher_mask_would_take_the_whole_first_epoch():
+    with pytest.warns(UserWarning, match=r"collects 128 training samples .* 8 batches of 16, but an epoch has 4"):
+        quiet_trainer(max_steps=2, callbacks=[SAMCallback("ssam")]).fit(Classifier(make_mlp()), fixed_loader())
+
+
+def test_no_warning_when_the_first_mask_is_ready_within_the_first_epoch(recwarn):
+    quiet_trainer(max_steps=2, callbacks=[SAMCallback("ssam", num_samples=32)]).fit(
+        Classifier(make_mlp()), fixed_loader()
+    )
+    assert not [w for w in recwarn if "training samples for its first mask" in str(w.message)]
