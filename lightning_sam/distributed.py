@@ -1,46 +1,33 @@
-"""What SAM needs from Lightning's strategies: DDP's gradient-sync switch, a MAX all-reduce, and the checks
-that reject strategies SAM cannot run under.
-
-Pass 1 runs without DDP's gradient all-reduce by default (each rank ascends with its own gradient: the
-paper's m-sharpness, half the communication); pass 2 all-reduces as usual, so every rank descends with the
-same gradient and the replicas stay bit-identical. DDP reads ``require_backward_grad_sync`` in ``forward``,
-and Lightning's own ``no_sync`` (gradient accumulation) saves and restores it, so setting it before pass 1
-is enough.
-"""
+"""The torch.distributed primitives lightning_sam uses (pure PyTorch: no Lightning). Each is a no-op, or returns the
+single-process answer, when torch.distributed is not initialized or has one process."""
 
 from __future__ import annotations
 
 import torch.distributed as dist
-from lightning.pytorch import Trainer
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
-
-from lightning_sam.variants.base import sum_over_ranks_ as all_reduce_sum_  # one SUM implementation
 
 
-def ddp_module(trainer: Trainer) -> DistributedDataParallel | None:
-    """The DDP wrapper around the LightningModule, if the strategy uses one."""
-    model = getattr(trainer.strategy, "model", None)
-    return model if isinstance(model, DistributedDataParallel) else None
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def set_gradient_sync(trainer: Trainer, enabled: bool) -> None:
-    """Switch DDP's gradient all-reduce for the next forward/backward (no-op without DDP)."""
-    model = ddp_module(trainer)
-    if model is not None:
-        model.require_backward_grad_sync = enabled
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """In-place SUM over the default process group (plain PyTorch DDP loops included)."""
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def all_reduce_max_(flag: Tensor) -> Tensor:
-    """MAX over all ranks in place (no-op when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """In-place MAX over the default process group."""
+    if _distributed():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag
 
 
 def gather_objects(obj: object) -> list[object]:
     """``obj`` from every rank, in rank order (``[obj]`` when not distributed). A collective: all ranks call it."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         gathered: list[object] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, obj)
         return gathered
@@ -54,52 +41,6 @@ def rank() -> int:
     return 0
 
 
-def check_strategy(trainer: Trainer) -> None:
-    """Raise a clear error for strategies SAM cannot run under (called from ``setup``)."""
-    from lightning.pytorch.strategies import (
-        DDPStrategy,
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-        SingleDeviceStrategy,
-    )
-
-    strategy = trainer.strategy
-    name = type(strategy).__name__
-    if isinstance(strategy, DeepSpeedStrategy):
-        raise RuntimeError(
-            "lightning_sam does not support DeepSpeed: DeepSpeed owns the optimizer step and the gradients, so "
-            "SAM's second pass cannot run between backward and step. Use strategy='ddp' (or 'ddp_spawn')."
-        )
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
-        raise RuntimeError(
-            f"lightning_sam does not support {name} yet: parameters and gradients are sharded, so the global "
-            "gradient norm and the saved copy would need a reduction over shards. Use strategy='ddp' "
-            "(DistributedDataParallel replicates the model and is fully supported)."
-        )
-    if "XLA" in name:
-        raise RuntimeError(f"lightning_sam has not been built or tested for {name} (XLA/TPU). Use strategy='ddp'.")
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise RuntimeError(
-            f"lightning_sam supports the single-device and DDP strategies (ddp, ddp_spawn, "
-            f"ddp_find_unused_parameters_true, multi-node DDP); got {name}. Use strategy='ddp'."
-        )
-
-
-def check_static_graph(trainer: Trainer) -> None:
-    """DDP's ``static_graph=True`` crashes when an iteration skips the gradient sync; reject it clearly."""
-    model = ddp_module(trainer)
-    static = bool(getattr(model, "static_graph", False)) or bool(
-        getattr(trainer.strategy, "_ddp_kwargs", {}).get("static_graph", False)
-    )
-    if static:
-        raise RuntimeError(
-            "SAM with a local pass 1 cannot run under DDP(static_graph=True): DDP's static graph requires every "
-            "iteration to all-reduce. Drop static_graph=True, or pass sync_ascent=True (SAMCallback(..., "
-            "sync_ascent=True) or self.configure_sam(..., sync_ascent=True)) so both passes all-reduce."
-        )
-
-
 def world_size() -> int:
     """Number of processes in the default group (1 when not distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -107,14 +48,4 @@ def world_size() -> int:
     return 1
 
 
-__all__ = [
-    "all_reduce_max_",
-    "all_reduce_sum_",
-    "check_static_graph",
-    "check_strategy",
-    "ddp_module",
-    "gather_objects",
-    "rank",
-    "set_gradient_sync",
-    "world_size",
-]
+__all__ = ["all_reduce_max_", "all_reduce_sum_", "gather_objects", "rank", "world_size"]

@@ -21,7 +21,6 @@ ops, and the restore. The variant (``lightning_sam.variants``) only supplies the
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,8 +29,10 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from lightning_sam import validation as check
+from lightning_sam.precision import NoScaling
 from lightning_sam.tensor_ops import EPS, widen, widened_dtype
-from lightning_sam.variants import StepTensors, Variant, make_variant
+from lightning_sam.variants import StepTensors, Variant, VariantInfo, resolve_variant, variant_info
 
 ParamsLike = Iterable[Parameter] | Iterable[tuple[str, Parameter]] | Iterable[dict[str, Any]]
 
@@ -116,7 +117,8 @@ class SAMEngine:
             variant's checkpointed state; give them for exact resume) or of param-group dicts. A group may carry
             ``rho`` (its own radius; the gradient norm stays global) and ``sam_exclude=True`` (never perturbed, not
             in the norm).
-        variant: a name from :func:`lightning_sam.available_variants`.
+        variant: a name from :func:`lightning_sam.available_variants`, or a variant object (e.g. ``SSAM(sparsity=0.7)``,
+            which then carries ``rho`` and its options; an object serves one engine).
         rho: the neighbourhood radius; ``None`` takes the variant's default.
         interval: run the ascent and pass 2 on every ``interval``-th step only (1: every step); the steps in
             between are plain optimizer steps on ``g`` with no second forward/backward.
@@ -130,16 +132,21 @@ class SAMEngine:
     def __init__(
         self,
         params: ParamsLike,
-        variant: str = "sam",
+        variant: str | Variant = "sam",
         rho: float | None = None,
         *,
         interval: int = 1,
         **variant_options: Any,
     ):
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"SAMEngine: interval must be an integer >= 1 (1 = every step), got {interval!r}")
-        self.interval = interval
-        self.variant: Variant = make_variant(variant, rho=rho, **variant_options)
+        self.interval = check.integer("SAMEngine", "interval", interval, 1, " (1 = every step)")
+        self.variant: Variant = resolve_variant(variant, rho, **variant_options)
+        if getattr(self.variant, "_bound", False):
+            raise ValueError(
+                f"SAMEngine: the variant object {self.variant!r} serves another engine already: give each engine its "
+                "own (variant.with_options() makes a fresh copy)."
+            )
+        self.variant._bound = True
+        self.info: VariantInfo = variant_info(self.variant)
         entries = [e for e in _named_entries(params) if not e[2].get("sam_exclude", False)]
         if not entries:
             raise ValueError("SAMEngine got no parameters to perturb (all excluded or none given)")
@@ -149,10 +156,7 @@ class SAMEngine:
             raise ValueError("SAMEngine: parameter names must be unique")
         self._rhos: list[float] = []
         for name, _, options in entries:
-            rho_i = options.get("rho", self.variant.rho)
-            if isinstance(rho_i, bool) or not isinstance(rho_i, (int, float)) or not math.isfinite(rho_i) or rho_i <= 0:
-                raise ValueError(f"SAMEngine: param group rho must be a finite number > 0, got {rho_i!r} for {name!r}")
-            self._rhos.append(float(rho_i))
+            self._rhos.append(check.real("SAMEngine", f"rho of {name!r}", options.get("rho", self.variant.rho)))
         self.variant.bind(list(self.names), list(self.params))
         self._saved_views: list[Tensor] | None = None
         self._cache_key: tuple[int, ...] | None = None
@@ -167,7 +171,7 @@ class SAMEngine:
         cls,
         optimizer: torch.optim.Optimizer,
         module: torch.nn.Module | None = None,
-        variant: str = "sam",
+        variant: str | Variant = "sam",
         rho: float | None = None,
         *,
         select: str | Callable[[str, Tensor], bool] | None = None,
@@ -219,6 +223,8 @@ class SAMEngine:
 
     def needs_second_pass(self) -> bool:
         """Whether the coming step runs the ascent and pass 2 (else: a plain step, call :meth:`plain_step`)."""
+        if not self.info.second_pass:
+            return False
         return self.step_count % self.interval == 0 and self.variant.needs_second_pass(self.step_count)
 
     # ------------------------------------------------------------------ the step
@@ -255,7 +261,7 @@ class SAMEngine:
     @property
     def ascent_steps(self) -> int:
         """Ascent passes per step: 1, or ``k`` for multi-step variants (ascend again after each extra pass)."""
-        return self.variant.ascent_steps
+        return self.variant.ascent_steps if self.info.multi_step else 1
 
     @torch.no_grad()
     def descend(self, evaluate: Callable[[], Tensor] | None = None, evaluate_clobbers_grads: bool = False) -> None:
@@ -266,7 +272,7 @@ class SAMEngine:
         backward (a training closure): the variant then keeps a copy of the gradients it still needs.
         """
         try:
-            if self._perturbed and self._active is not None:
+            if self.info.descent and self._perturbed and self._active is not None:
                 active = self._active
                 grads = [p.grad for p in active.params]
                 present = [i for i, g in enumerate(grads) if g is not None]
@@ -292,7 +298,7 @@ class SAMEngine:
 
     def samples_needed(self) -> int:
         """How many training samples the variant wants this step (SSAM's Fisher mask); 0 for none."""
-        return self.variant.samples_needed(self.step_count)
+        return self.variant.samples_needed(self.step_count) if self.info.samples else 0
 
     def collect_samples(self, loss_of_slice: Callable[[int, int], Tensor], batch_size: int) -> int:
         """Feed per-sample squared gradients of the current batch to the variant (SSAM's Fisher mask).
@@ -306,7 +312,7 @@ class SAMEngine:
         if wanted <= 0:
             return 0
         started = time.perf_counter()
-        chunk = max(1, int(getattr(self.variant, "fisher_batch_size", 1)))
+        chunk = max(1, self.variant.sample_batch_size)
         trained = [(i, p) for i, p in enumerate(self.params) if p.requires_grad]
         if not trained:  # everything frozen: no gradient to collect (the steps are plain until something trains)
             return 0
@@ -327,7 +333,7 @@ class SAMEngine:
     @property
     def has_before_step(self) -> bool:
         """Whether the variant acts right before the optimizer step (see :meth:`before_optimizer_step`)."""
-        return type(self.variant).before_optimizer_step_ is not Variant.before_optimizer_step_
+        return self.info.before_step
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, skip: Tensor | None = None) -> None:
         """Call right before ``optimizer.step()``, after :meth:`descend` or :meth:`plain_step` counted the step.
@@ -351,7 +357,7 @@ class SAMEngine:
         LookSAM's reuse of ``g_v``); then the step is counted."""
         if self._perturbed:
             raise RuntimeError("plain_step() called while the weights are perturbed: call descend() or restore()")
-        if type(self.variant).plain_step_ is not Variant.plain_step_:
+        if self.info.plain_step:
             active = self._collect(False)
             if active is not None:
                 self.variant.plain_step_(active)
@@ -381,20 +387,12 @@ class SAMEngine:
         (its backward is wasted). Without ``optimizer`` the caller runs ``engine.before_optimizer_step(optimizer)``
         (a no-op for most variants) and ``optimizer.step()``. Returns the pass-1 loss.
         """
-        loss = closure()
-        try:
-            if not self.needs_second_pass() or self.ascend() is None:  # no pass 2 (or nothing to perturb)
-                self.plain_step()
-            else:
-                closure()
-                for _ in range(1, self.ascent_steps):
-                    self.ascend()
-                    closure()
-                self.descend(evaluate=probe or closure, evaluate_clobbers_grads=probe is None)
-        finally:
-            self.restore()
+        from lightning_sam.step import TwoPassStep  # the driver imports the engine (for types only)
+
+        driver = TwoPassStep(self, NoScaling(skip_nonfinite=False))
+        loss, _ = driver.run(optimizer, _ClosureReplay(closure, probe))
         if optimizer is not None:
-            self.before_optimizer_step(optimizer)
+            driver.before_optimizer_step(optimizer)
             optimizer.step()
         return loss
 
@@ -429,7 +427,7 @@ class SAMEngine:
         if not key:
             return None
         if self._saved_views is None:
-            self._saved_views = self._allocate_saved() if self.variant.dense_save else []
+            self._saved_views = [] if self.info.sparse else self._allocate_saved()
         if key != self._cache_key:
             self._cache_key = key
             self._key_names = [self.names[i] for i in key]
@@ -459,3 +457,21 @@ class SAMEngine:
 
     def __repr__(self) -> str:
         return f"SAMEngine({self.variant!r}, {len(self.params)} parameters, step={self.step_count})"
+
+
+class _ClosureReplay:
+    """:meth:`SAMEngine.step`'s replay: every pass is the training closure (it zeroes, computes, backpropagates)."""
+
+    def __init__(self, closure: Callable[[], Tensor], probe: Callable[[], Tensor] | None) -> None:
+        self.closure = closure
+        self.probe_fn = probe
+        self.probe_clobbers_grads = probe is None
+
+    def first_pass(self, sync: bool) -> Tensor:
+        return self.closure()
+
+    def second_pass(self, sync: bool) -> Tensor:
+        return self.closure()
+
+    def probe(self) -> Tensor:
+        return (self.probe_fn or self.closure)()

@@ -1,33 +1,34 @@
-"""Lightning glue shared by the two adapters (``SAMCallback`` and ``SAMMixin``): configuration checks, the run's
-length for variant defaults, checkpoint state per rank, the optimizer's gradients and metric logging.
+"""Lightning glue shared by the two adapters (``SAMCallback`` and ``SAMMixin``): the trainer checks, the variant
+configured for this run (its run-length defaults), the engine and precision objects of a fit, checkpoint state with
+the per-rank gather, and metric logging on Lightning's cadence.
 
-Nothing here runs SAM's step; it translates what the Trainer knows into what the engine and the variants need.
+Nothing here runs SAM's step (that is :mod:`lightning_sam.step`); it translates what the Trainer knows into what the
+engine and the variants need. Lightning's private attributes are touched here only (``trainer._logger_connector``)
+and in :mod:`lightning_sam.strategies` (``strategy._ddp_kwargs``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam.distributed import all_reduce_max_, rank, world_size
-from lightning_sam.variants import RunLength, variant_class
+from lightning_sam.distributed import gather_objects, rank, world_size
+from lightning_sam.engine import SAMEngine
+from lightning_sam.precision import GradScaling, NoScaling, Precision
+from lightning_sam.step import StepOutcome
+from lightning_sam.strategies import check_static_graph, check_strategy
+from lightning_sam.tensor_ops import widen
+from lightning_sam.variants import RunLength, Variant, variant_info
 
 
 # ---------------------------------------------------------------------------------------------- configuration
-def check_flag(name: str, value: Any) -> bool:
-    """``value`` itself when it is a real bool; a clear error otherwise (``"yes"`` or ``1`` are not accepted)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
-
 def validate_schedule(interval: int, params: Any) -> None:
     """Raise at construction for a bad ``interval`` or ``params`` filter."""
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
@@ -83,15 +84,43 @@ def run_length(trainer: Trainer) -> RunLength:
     return RunLength(epoch, min(limits) if limits else None, why_no_epoch, why_no_total or "the run length is unknown")
 
 
-def trainer_defaults(trainer: Trainer, variant: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The variant's options derived from the run (e.g. SSAM's refresh period), for those the user did not give.
+def variant_for_run(trainer: Trainer, spec: Variant) -> Variant:
+    """A fresh variant built from ``spec``'s options plus those it derives from this run (e.g. SSAM's refresh period
+    from the epoch length), for the options the user did not give.
 
     Raises before training when the variant needs a length this run cannot tell, naming the option to pass.
     """
-    variant_cls = variant_class(variant)
-    if not variant_cls.uses_run_length:
-        return {}
-    return variant_cls.trainer_defaults(options, run_length(trainer))
+    if not variant_info(spec).run_length:
+        return spec.with_options()
+    return spec.with_options(**type(spec).run_defaults(spec.config, run_length(trainer)))
+
+
+def check_trainer(trainer: Trainer, sync_ascent: bool) -> None:
+    """The strategy checks both adapters run before training."""
+    check_strategy(trainer)
+    if not sync_ascent:
+        check_static_graph(trainer)
+
+
+def build_engine(
+    trainer: Trainer, module: LightningModule, optimizer: Optimizer, spec: Variant, adapter: str, **engine_options: Any
+) -> SAMEngine:
+    """The engine of ``optimizer`` for this fit, its variant configured for the run; logs the variant's setup line."""
+    check_optimizer(optimizer, adapter)
+    engine = SAMEngine.from_optimizer(optimizer, module, variant_for_run(trainer, spec), **engine_options)
+    if engine.variant.setup_message:
+        rank_zero_info(f"{adapter}: {engine.variant.setup_message}")
+    return engine
+
+
+def precision_for(
+    trainer: Trainer, optimizer: Optimizer, *, automatic: bool, sync_ascent: bool, skip_nonfinite: bool, adapter: str
+) -> Precision:
+    """The precision object of a fit: GradScaling under 16-mixed, else NoScaling (with the non-finite check)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        return GradScaling(scaler, optimizer, unscaled_by_caller=automatic, across_ranks=not sync_ascent)
+    return NoScaling(skip_nonfinite=skip_nonfinite, adapter=adapter, warn=rank_zero_warn)
 
 
 def warn_if_samples_outlast_epoch(trainer: Trainer, variant: str, wanted: int, batch_size: int, adapter: str) -> None:
@@ -108,6 +137,15 @@ def warn_if_samples_outlast_epoch(trainer: Trainer, variant: str, wanted: int, b
 
 
 # ---------------------------------------------------------------------------------------------- state
+def engine_checkpoint_state(engine: SAMEngine) -> dict[str, Any]:
+    """What a checkpoint holds of an engine: its state, and every rank's too when the variant's state is per rank
+    (Lightning writes rank 0's only; a collective: every rank calls it)."""
+    state = engine.state_dict()
+    if engine.variant.per_rank_state and world_size() > 1:
+        return {"engine": state, "engine_per_rank": gather_objects(state)}
+    return {"engine": state}
+
+
 def engine_state_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
     """This rank's engine state: its own when the checkpoint holds one per rank (same world size), else rank 0's."""
     per_rank = state.get("engine_per_rank")
@@ -135,35 +173,6 @@ def loss_from_output(output: Any) -> Tensor | None:
     raise RuntimeError(f"training_step returned a {type(output).__name__}; expected a Tensor, a dict or None")
 
 
-def grad_scaler_of(trainer: Trainer) -> torch.amp.GradScaler | None:
-    """The GradScaler of the 16-mixed precision plugin, or None (32-true, bf16-mixed, ...)."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None
-
-
-def optimizer_grads(optimizer: Optimizer) -> list[Tensor]:
-    """The gradients of the optimizer's parameters that have one."""
-    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-
-
-def non_finite_on_any_rank(loss: Tensor) -> bool:
-    """Whether ``loss`` is inf/NaN on any rank: one host sync (and a MAX all-reduce under DDP, where pass-2 losses
-    are local while the gradients are shared, so that every rank takes the same decision)."""
-    flag = (~torch.isfinite(loss.detach())).float().reshape(())
-    if world_size() > 1:
-        all_reduce_max_(flag)
-    return bool(flag.item())
-
-
-def skip_optimizer_step(optimizer: Optimizer, why: str, warn: Callable[[str], Any] = rank_zero_warn) -> None:
-    """Make ``optimizer.step()`` leave the weights and its state untouched: drop every gradient (torch optimizers
-    skip parameters without one), with a warning that says why."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-    warn(why)
-
-
 # ---------------------------------------------------------------------------------------------- logging
 def should_log(trainer: Trainer) -> bool:
     """Whether this step is on Lightning's logging cadence (``log_every_n_steps``)."""
@@ -179,3 +188,20 @@ def log_metrics(pl_module: LightningModule, values: dict[str, Tensor]) -> None:
     on_epoch = world_size() == 1
     for name, value in values.items():
         pl_module.log(name, value, on_step=True, on_epoch=on_epoch)
+
+
+def log_step(
+    pl_module: LightningModule,
+    engine: SAMEngine,
+    precision: Precision,
+    outcome: StepOutcome,
+    first_loss: Tensor | None,
+) -> None:
+    """A step's metrics: ``sam/sharpness`` and ``sam/perturbation_norm`` on steps whose pass 2 ran and whose update
+    is not skipped, and the variant's metrics on Lightning's logging cadence."""
+    second_loss = outcome.second_loss
+    if outcome.second_pass and not outcome.skipped and first_loss is not None and second_loss is not None:
+        sharpness = precision.logged_loss(widen(second_loss) - widen(first_loss))
+        log_metrics(pl_module, {"sam/sharpness": sharpness, "sam/perturbation_norm": outcome.perturbation_norm})
+    if should_log(pl_module.trainer):
+        log_metrics(pl_module, engine.variant.metrics())

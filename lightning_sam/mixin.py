@@ -13,9 +13,9 @@ Usage::
             self.log("train_loss", loss)                              # clip, optimizer.step(), zero_grad()
             return loss
 
-``sam_step(loss_fn)`` calls ``loss_fn()`` twice (pass 1 at ``w``, pass 2 at ``w + e``) and backpropagates with
-``self.manual_backward`` so Lightning's precision (autocast, GradScaler) and strategy (DDP) still apply. Pass 2
-runs without visible side effects (logs, torchmetrics, BatchNorm statistics), like the callback's.
+``sam_step(loss_fn)`` runs the step driver (:mod:`lightning_sam.step`) with ``loss_fn()`` + ``manual_backward`` as
+its passes, so Lightning's precision (autocast, GradScaler) and strategy (DDP) still apply. Pass 2 runs without
+visible side effects (logs, torchmetrics, BatchNorm statistics), like the callback's.
 """
 
 from __future__ import annotations
@@ -23,50 +23,37 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_sam import amp
+from lightning_sam import validation as check
 from lightning_sam.batches import batchnorm_in_eval
 from lightning_sam.clipping import clip_gradients_, validate_clipping
-from lightning_sam.distributed import (
-    all_reduce_max_,
-    check_static_graph,
-    check_strategy,
-    gather_objects,
-    set_gradient_sync,
-    world_size,
-)
 from lightning_sam.engine import SAMEngine
 from lightning_sam.glue import (
-    check_flag,
-    check_optimizer,
+    build_engine,
+    check_trainer,
+    engine_checkpoint_state,
     engine_state_for_this_rank,
-    grad_scaler_of,
-    log_metrics,
-    non_finite_on_any_rank,
-    optimizer_grads,
-    should_log,
-    skip_optimizer_step,
-    trainer_defaults,
+    log_step,
+    precision_for,
     validate_schedule,
     warn_if_samples_outlast_epoch,
 )
+from lightning_sam.precision import gradients_of
+from lightning_sam.replays import ManualReplay
 from lightning_sam.side_effects import SecondPassGuard
-from lightning_sam.tensor_ops import non_finite_flag, widen
-from lightning_sam.variants import make_variant, variant_class
+from lightning_sam.step import TwoPassStep
+from lightning_sam.variants import Variant, resolve_variant
 
 
 class SAMMixin:
     """Mix into a ``LightningModule`` with ``automatic_optimization = False``; see :meth:`sam_step`."""
 
-    _sam_config: dict[str, Any]
-    _sam_guard: SecondPassGuard | None = None
+    _SAM_CHECKPOINT_KEY = "lightning_sam.SAMMixin"  # variant state per optimizer index in the module's checkpoint
 
     def configure_sam(
         self,
-        variant: str = "sam",
+        variant: Variant | str = "sam",
         rho: float | None = None,
         *,
         sync_ascent: bool = False,
@@ -79,121 +66,79 @@ class SAMMixin:
     ) -> None:
         """Choose the variant (validated now) and the descent-gradient clipping. Call it in ``__init__``.
 
-        ``sync_ascent``, ``interval``, ``params`` and ``skip_nonfinite`` as in :class:`lightning_sam.SAMCallback`;
-        ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``) clip the unscaled descent
-        gradient.
+        ``variant``, ``rho``, ``sync_ascent``, ``interval``, ``params``, ``skip_nonfinite`` and the variant's options
+        as in :class:`lightning_sam.SAMCallback`; ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or
+        ``"value"``) clip the unscaled descent gradient.
         """
-        name = variant_class(variant).name
-        make_variant(name, rho=rho, **variant_options)
         validate_clipping(gradient_clip_val, gradient_clip_algorithm)
         validate_schedule(interval, params)
-        self._sam_config = {
-            "variant": name,
-            "rho": rho,
-            "options": dict(variant_options),
-            "sync_ascent": check_flag("sync_ascent", sync_ascent),
-            "skip_nonfinite": check_flag("skip_nonfinite", skip_nonfinite),
-            "interval": interval,
-            "params": params,
-            "clip_val": gradient_clip_val,
-            "clip_algorithm": gradient_clip_algorithm,
-        }
-        self._sam_engines = {}
-        self._sam_run_defaults: dict[str, Any] | None = None
+        self._sam_spec = resolve_variant(variant, rho, **variant_options)
+        self._sam_options = {"select": params, "interval": interval}
+        self._sam_sync_ascent = check.flag("", "sync_ascent", sync_ascent)
+        self._sam_skip_nonfinite = check.flag("", "skip_nonfinite", skip_nonfinite)
+        self._sam_clip = (gradient_clip_val, gradient_clip_algorithm)
+        self._sam_drivers: dict[int, TwoPassStep] = {}
 
     def on_fit_start(self) -> None:
-        """Check the optimizers and derive the variant's run-length options now, before the first training_step
-        (a run whose length the variant needs but cannot be known fails here, naming the option to pass)."""
-        trainer = self.trainer  # type: ignore[attr-defined]
+        """Build each optimizer's engine now, before the first training_step: the strategy, the optimizers and the
+        variant's run-length options are checked here (a subclass that overrides this hook must call super())."""
         if not getattr(self, "automatic_optimization", True):
-            if not hasattr(self, "_sam_config"):
-                self.configure_sam()
-            for optimizer in trainer.optimizers:
-                check_optimizer(optimizer, "SAMMixin")
-            config = self._sam_config
-            self._sam_run_defaults = trainer_defaults(trainer, config["variant"], config["options"])
+            for optimizer in self.trainer.optimizers:  # type: ignore[attr-defined]
+                self._sam_driver_for(optimizer)
         super().on_fit_start()  # type: ignore[misc]
 
     @property
+    def sam_engines(self) -> dict[int, SAMEngine]:
+        """The engines behind :meth:`sam_step`, by optimizer index in ``trainer.optimizers`` (built at fit start)."""
+        return {i: driver.engine for i, driver in sorted((self.__dict__.get("_sam_drivers") or {}).items())}
+
+    @property
     def sam_engine(self) -> SAMEngine | None:
-        """The engine behind :meth:`sam_step` for the first optimizer (built on the first call)."""
-        engines = getattr(self, "_sam_engines", {})
-        return engines[min(engines)] if engines else None
+        """The engine of the first optimizer (None before fit start)."""
+        return next(iter(self.sam_engines.values()), None)
 
-    def _sam_engine_for(self, optimizer: Any) -> SAMEngine:
-        """The engine of ``optimizer`` (one per optimizer, keyed by its index in ``trainer.optimizers``)."""
-        raw = getattr(optimizer, "optimizer", optimizer)
-        trainer = getattr(self, "trainer", None)
-        optimizers = list(trainer.optimizers) if trainer is not None else [raw]
-        index = next((i for i, o in enumerate(optimizers) if o is raw), None)
-        if index is None:
-            raise RuntimeError("sam_step: the optimizer is not one of the trainer's optimizers")
-        engines: dict[int, SAMEngine] = self.__dict__.setdefault("_sam_engines", {})
-        if index not in engines:
-            engines[index] = self._sam_setup(raw)
-            pending = self.__dict__.get("_sam_pending_state") or {}
-            if index in pending:
-                engines[index].load_state_dict(engine_state_for_this_rank(pending.pop(index)))
-        return engines[index]
-
-    def _sam_setup(self, raw: Any) -> SAMEngine:
+    def _sam_driver_for(self, optimizer: Any) -> TwoPassStep:
+        """The step driver of ``optimizer`` (one per optimizer, keyed by its index in ``trainer.optimizers``)."""
         if getattr(self, "automatic_optimization", True):
             raise RuntimeError(
                 "sam_step needs manual optimization: set self.automatic_optimization = False in __init__ "
                 "(or use lightning_sam.SAMCallback with automatic optimization)."
             )
-        if not hasattr(self, "_sam_config"):
+        if "_sam_spec" not in self.__dict__:
             self.configure_sam()
-        config = self._sam_config
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            check_strategy(trainer)
-            if not config["sync_ascent"]:
-                check_static_graph(trainer)
-        if self._sam_guard is None:
-            self._sam_guard = SecondPassGuard(self)  # type: ignore[arg-type]
-        options = dict(config["options"])
-        if trainer is not None:
-            check_optimizer(raw, "SAMMixin")
-            defaults = self.__dict__.get("_sam_run_defaults")
-            if defaults is None:  # on_fit_start did not run (a subclass that overrides it without super())
-                defaults = trainer_defaults(trainer, config["variant"], options)
-            options = {**defaults, **options}
-        engine = SAMEngine.from_optimizer(
-            raw,
-            self,  # type: ignore[arg-type]
-            config["variant"],
-            config["rho"],
-            select=config.get("params"),
-            interval=config.get("interval", 1),
-            **options,
-        )
-        message = getattr(engine.variant, "setup_message", None)
-        if message:
-            rank_zero_info(f"SAMMixin: {message}")
-        return engine
-
-    # Variant state travels in the checkpoint under this key, one entry per optimizer index. A subclass that
-    # overrides these hooks must call super() (they are cooperative, like every LightningModule hook).
-    _SAM_CHECKPOINT_KEY = "lightning_sam.SAMMixin"
+        raw = getattr(optimizer, "optimizer", optimizer)
+        trainer = self.trainer  # type: ignore[attr-defined]
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is raw), None)
+        if index is None:
+            raise RuntimeError("sam_step: the optimizer is not one of the trainer's optimizers")
+        if index not in self._sam_drivers:
+            check_trainer(trainer, self._sam_sync_ascent)
+            engine = build_engine(trainer, self, raw, self._sam_spec, "SAMMixin", **self._sam_options)  # type: ignore[arg-type]
+            pending = self.__dict__.get("_sam_pending_state") or {}
+            if index in pending:
+                engine.load_state_dict(engine_state_for_this_rank(pending.pop(index)))
+            precision = precision_for(
+                trainer,
+                raw,
+                automatic=False,
+                sync_ascent=self._sam_sync_ascent,
+                skip_nonfinite=self._sam_skip_nonfinite,
+                adapter="SAMMixin",
+            )
+            self._sam_drivers[index] = TwoPassStep(engine, precision, sync_ascent=self._sam_sync_ascent)
+        return self._sam_drivers[index]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        engines = getattr(self, "_sam_engines", {})
-        state: dict[int, Any] = {}
-        for i, engine in engines.items():
-            entry = {"engine": engine.state_dict()}
-            if engine.variant.per_rank_state and world_size() > 1:  # every rank calls this hook: gather
-                entry["engine_per_rank"] = gather_objects(entry["engine"])
-            state[i] = entry
-        if state:
-            checkpoint[self._SAM_CHECKPOINT_KEY] = state
+        drivers = self.__dict__.get("_sam_drivers") or {}
+        if drivers:  # every rank calls this hook: per-rank state is gathered here
+            checkpoint[self._SAM_CHECKPOINT_KEY] = {i: engine_checkpoint_state(d.engine) for i, d in drivers.items()}
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(self._SAM_CHECKPOINT_KEY)
         if state:
             self._sam_pending_state = dict(state)
-            self._sam_engines = {}
+            self._sam_drivers = {}
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def sam_step(
@@ -222,90 +167,38 @@ class SAMMixin:
             optimizer = self.optimizers()  # type: ignore[attr-defined]
             if isinstance(optimizer, list):
                 raise RuntimeError("sam_step: the module has several optimizers; pass optimizer=... explicitly")
-        engine = self._sam_engine_for(optimizer)
-        if engine.samples_needed():
-            if sample_loss_fn is None or batch_size is None:
-                raise RuntimeError(
-                    f"variant {engine.variant.name!r} needs per-sample gradients this step (SSAM's Fisher mask): "
-                    "call self.sam_step(loss_fn, sample_loss_fn=lambda i, j: <loss of samples i:j>, "
-                    "batch_size=<samples in the batch>), or use SSAM with mask='dst'."
-                )
-            assert self._sam_guard is not None
-            if engine.step_count == 0 and not self.__dict__.get("_sam_samples_warned"):
-                self._sam_samples_warned = True
-                wanted = engine.samples_needed()
-                trainer = self.trainer  # type: ignore[attr-defined]
-                warn_if_samples_outlast_epoch(trainer, engine.variant.name, wanted, batch_size, "SAMMixin")
-            with self._sam_guard.active(), batchnorm_in_eval(self):  # type: ignore[arg-type]
-                engine.collect_samples(sample_loss_fn, batch_size)
-        config = self._sam_config
-        trainer = self.trainer  # type: ignore[attr-defined]
-        raw = getattr(optimizer, "optimizer", optimizer)
-        scaler = grad_scaler_of(trainer)
-        second = engine.needs_second_pass()
-
-        set_gradient_sync(trainer, config["sync_ascent"] or not second)
-        loss1 = loss_fn()
-        self.manual_backward(loss1)  # type: ignore[attr-defined]
-        set_gradient_sync(trainer, True)
-        run_second = second
-        if scaler is not None and second:
-            found = amp.unscale_(optimizer_grads(raw), scaler)  # pass-1 grads: discarded after the ascent
-            if world_size() > 1 and not config["sync_ascent"]:
-                all_reduce_max_(found)
-            if found.item():  # one host sync, only under GradScaler (it syncs here anyway)
-                run_second = False
-                amp.poison_(optimizer_grads(raw))  # the scaler's unscale_ in step() then skips on every rank
-        if run_second:
-            perturbation_norm = engine.ascend()
-            guard = self._sam_guard
-            assert guard is not None
-
-            def probe() -> Tensor:  # forward-only loss at the current weights (XSAM's alpha search)
-                with torch.no_grad(), guard.active():
-                    return loss_fn().detach()
-
-            try:
-                for ascent in range(engine.ascent_steps):  # k passes at perturbed weights; only the last syncs
-                    last = ascent == engine.ascent_steps - 1
-                    if ascent:
-                        engine.ascend()
-                    torch._foreach_zero_(optimizer_grads(raw))
-                    set_gradient_sync(trainer, last)
-                    with guard.active():
-                        loss2 = loss_fn()
-                        self.manual_backward(loss2)  # type: ignore[attr-defined]
-                engine.descend(evaluate=probe)
-            finally:
-                engine.restore()
-                set_gradient_sync(trainer, True)
-            if scaler is not None:  # GradScaler skips a non-finite step itself (one host sync; it syncs anyway)
-                skipped = bool(non_finite_flag(optimizer_grads(raw)).item())
-            else:
-                skipped = config.get("skip_nonfinite", True) and non_finite_on_any_rank(loss2)
-            if skipped and scaler is None:
-                skip_optimizer_step(
-                    raw,
-                    f"SAMMixin: the loss at the perturbed weights is not finite at global step {trainer.global_step}: "
-                    "this optimizer step is skipped (weights and optimizer state unchanged). If it repeats, lower rho "
-                    "or the learning rate (configure_sam(skip_nonfinite=False) lets the step through).",
-                )  # optimizer.step() below still runs, without gradients: Lightning counts the step, nothing moves
-            if perturbation_norm is not None and not skipped:  # a skipped step's values stay out of the metrics
-                sharpness = widen(loss2.detach()) - widen(loss1.detach())
-                metrics = {"sam/sharpness": sharpness, "sam/perturbation_norm": perturbation_norm}
-                log_metrics(self, metrics)  # type: ignore[arg-type]
-        else:
-            engine.plain_step()
-        if should_log(trainer):
-            log_metrics(self, engine.variant.metrics())  # type: ignore[arg-type]
-        if config["clip_val"] is not None:
-            # under GradScaler the descent gradient is still scaled here (Lightning unscales inside step)
-            scale = scaler._scale if scaler is not None else None
-            clip_gradients_(optimizer_grads(raw), config["clip_val"], config["clip_algorithm"], scale=scale)
-        if engine.has_before_step:  # gradients may still be scaled here: the hook compares and tests them only
-            grads = optimizer_grads(raw)
-            skip = non_finite_flag(grads) if scaler is not None and grads else None
-            engine.before_optimizer_step(raw, skip)
+        driver, raw = self._sam_driver_for(optimizer), getattr(optimizer, "optimizer", optimizer)
+        guard = self.__dict__.setdefault("_sam_guard", SecondPassGuard(self))  # type: ignore[arg-type]
+        if driver.engine.samples_needed():
+            self._sam_collect(driver, guard, sample_loss_fn, batch_size)
+        loss, outcome = driver.run(raw, ManualReplay(self, loss_fn, guard))  # type: ignore[arg-type]
+        log_step(self, driver.engine, driver.precision, outcome, loss)  # type: ignore[arg-type]
+        clip_value, clip_algorithm = self._sam_clip
+        if clip_value is not None:  # under GradScaler the gradients are still scaled here (Lightning unscales in step)
+            clip_gradients_(gradients_of(raw), clip_value, clip_algorithm, scale=driver.precision.gradient_scale())
+        driver.before_optimizer_step(raw)
         optimizer.step()
         optimizer.zero_grad()
-        return loss1.detach()
+        return loss
+
+    def _sam_collect(
+        self,
+        driver: TwoPassStep,
+        guard: SecondPassGuard,
+        sample_loss_fn: Callable[[int, int], Tensor] | None,
+        batch_size: int | None,
+    ) -> None:
+        """Per-sample gradients for the variant (SSAM's Fisher), BatchNorm on running statistics, no side effects."""
+        engine = driver.engine
+        if sample_loss_fn is None or batch_size is None:
+            raise RuntimeError(
+                f"variant {engine.variant.name!r} needs per-sample gradients this step (SSAM's Fisher mask): "
+                "call self.sam_step(loss_fn, sample_loss_fn=lambda i, j: <loss of samples i:j>, "
+                "batch_size=<samples in the batch>), or use SSAM with mask='dst'."
+            )
+        if engine.step_count == 0 and not self.__dict__.get("_sam_samples_warned"):
+            self._sam_samples_warned = True
+            trainer = self.trainer  # type: ignore[attr-defined]
+            warn_if_samples_outlast_epoch(trainer, engine.variant.name, engine.samples_needed(), batch_size, "SAMMixin")
+        with guard.active(), batchnorm_in_eval(self):  # type: ignore[arg-type]
+            driver.collect_samples(sample_loss_fn, batch_size)

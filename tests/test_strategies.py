@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from reference import PERTURBATIONS, reference_sam_step
 
 from lightning_sam import SAMCallback
-from lightning_sam.distributed import check_static_graph, check_strategy
+from lightning_sam.strategies import check_static_graph, check_strategy
 
 
 def reference_accumulated_sam(

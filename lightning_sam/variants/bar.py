@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sam import validation as check
 from lightning_sam.tensor_ops import accumulation_dtype
-from lightning_sam.variants.base import RunLength, StepTensors, Variant
+from lightning_sam.variants.base import RunLength, Variant
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,6 @@ def _schedule_value(schedule: str, u: float) -> float:
     return 1.0
 
 
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
 class _DeviceGroup:
     """The pairs that live on one device: their factors as one flat list ``[A_1..A_P, B_1..B_P]``."""
 
@@ -116,7 +113,6 @@ class BAR(Variant):
     """
 
     name = "bar"
-    uses_run_length = True
     default_rho = 1.0  # placeholder the engine's per-group checks accept; BAR never perturbs
 
     def __init__(
@@ -134,16 +130,11 @@ class BAR(Variant):
                 "leave rho unset (None)."
             )
         super().__init__(None)
-        if not _is_number(mu0) or mu0 < 0:
-            raise ValueError(f"bar: mu0 must be a finite number >= 0, got {mu0!r} (default 1.0)")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"bar: unknown schedule {schedule!r}; choose one of {SCHEDULES} (default 'linear')")
-        if rule not in RULES:
-            raise ValueError(f"bar: unknown rule {rule!r}; choose one of {RULES} (default 'nbar')")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ValueError(f"bar: total_steps must be an int >= 1, got {total_steps!r}")
+        mu0 = check.real("bar", "mu0", mu0, ">= 0", " (default 1.0)")
+        check.choice("bar", "schedule", schedule, SCHEDULES)
+        check.choice("bar", "rule", rule, RULES)
+        if total_steps is not None:
+            check.integer("bar", "total_steps", total_steps, 1)
         if pairs is not None and not callable(pairs):
             if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
                 raise ValueError(
@@ -167,9 +158,9 @@ class BAR(Variant):
         self._groups: list[_DeviceGroup] = []
 
     @classmethod
-    def trainer_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
+    def run_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
         schedule = options.get("schedule", "linear")
-        if schedule == "constant" or "total_steps" in options:
+        if schedule == "constant" or options.get("total_steps") is not None:
             return {}
         what = f"its {schedule} schedule needs the run length"
         return {"total_steps": max(1, run.total("bar", what, "total_steps"))}
@@ -245,12 +236,6 @@ class BAR(Variant):
         )
 
     # ----------------------------------------------------------------- the rule
-    def direction_(self, step: StepTensors) -> Tensor:
-        raise RuntimeError("bar has no ascent: it never runs a second pass (needs_second_pass is False)")
-
-    def needs_second_pass(self, step_index: int) -> bool:
-        return False
-
     def alpha(self, step_index: int) -> float:
         """``alpha_t = mu0 * s(t / T)`` for optimizer step ``t = step_index`` (``u`` clipped to 1)."""
         if self.schedule == "constant":

@@ -1,21 +1,31 @@
 """The contract every variant implements (pure PyTorch, no Lightning).
 
-A variant is a small rule. The engine (``lightning_sam.engine.SAMEngine``) owns the mechanics (which
-parameters take part, the saved copy, the in-place perturbation, the exact restore) and asks the variant
-only for the parts that differ between methods:
+A variant is a small rule. The engine (``lightning_sam.engine.SAMEngine``) owns the mechanics (which parameters take
+part, the saved copy, the in-place perturbation, the exact restore) and asks the variant only for what differs:
 
-* :meth:`Variant.direction_` turns the pass-1 gradients (in place) into the *unnormalized* ascent
-  direction ``u`` and returns the denominator ``n``; the engine then perturbs ``w <- w + rho * u / (n + eps)``.
-* :meth:`Variant.descent_` may replace the descent gradient before the restore (identity by default).
-* :meth:`Variant.needs_second_pass` lets a variant skip pass 2 on a step (a plain optimizer step on ``g``).
-* :meth:`Variant.state_dict` / :meth:`Variant.load_state_dict` carry per-variant state keyed by parameter
-  name, so a fresh process resumes exactly.
+* :meth:`Variant.direction_` (every variant with a second pass) turns the pass-1 gradients, in place, into the
+  *unnormalized* ascent direction ``u`` and returns the denominator ``n``: the engine perturbs
+  ``w <- w + rho * u / (n + eps)``;
+* :meth:`Variant.needs_second_pass` may make a step a plain optimizer step on ``g`` (no ascent, no pass 2);
+* :meth:`Variant.state_dict` / :meth:`Variant.load_state_dict` carry state keyed by parameter name, so a fresh
+  process resumes exactly; :meth:`Variant.metrics` are logged by the adapters.
+
+The optional extension points below are used only when the variant's registry entry
+(:class:`lightning_sam.variants.VariantInfo`) declares them, never discovered from the class: ``descent_``
+(replace the descent gradient; XSAM, LookSAM), ``plain_step_`` (change a step without pass 2; LookSAM),
+``ascent_steps`` (multi-step ascent; XSAM), ``save_`` / ``apply_`` / ``restore_`` (perturb a subset of coordinates
+and save only those; SSAM), ``samples_needed`` / ``add_squared_gradients_`` (per-sample gradients; SSAM's Fisher),
+``before_optimizer_step_`` (act right before the optimizer step; BAR) and ``run_defaults`` (options derived from the
+epoch or run length; SSAM, XSAM, BAR).
+
+A variant object is also its own configuration: the keyword arguments it was built with are kept
+(:attr:`Variant.config`), so that ``SAMCallback(variant=SSAM(sparsity=0.5))`` and LightningCLI's
+``class_path`` / ``init_args`` configure it, and the adapters build the working copy with :meth:`Variant.with_options`.
 """
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,16 +33,18 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_sam import validation as check
+from lightning_sam.distributed import all_reduce_sum_, world_size
 from lightning_sam.tensor_ops import accumulation_dtype, global_norm
 
 
-def sum_over_ranks_(tensor: Tensor) -> Tensor:
-    """In-place SUM over the default process group when torch.distributed is initialized (plain PyTorch DDP
-    loops included); nothing to do on a single process. Adapters may replace it with :meth:`set_all_reduce`."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
+def _is_default(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except (RuntimeError, TypeError, ValueError):  # e.g. lists of tensors
+        return False
 
 
 @dataclass(frozen=True)
@@ -87,24 +99,39 @@ class StepTensors:
     evaluate_clobbers_grads: bool = False
 
 
-class Variant(ABC):
-    """Base class of a SAM variant. Subclasses set ``name`` and ``default_rho`` and implement ``direction_``."""
+class Variant:
+    """Base class of a SAM variant. Subclasses set ``name`` and ``default_rho``, take their options as keyword
+    arguments of ``__init__`` (typed, with defaults, validated there) and implement ``direction_``."""
 
     name: ClassVar[str] = ""
     default_rho: ClassVar[float] = 0.05
-    dense_save: ClassVar[bool] = True  # the engine keeps a full saved copy; False: save_/restore_ do it
-    uses_run_length: ClassVar[bool] = False  # trainer_defaults derives options from the epoch / run length
     per_rank_state: bool = False  # state differs between DDP ranks (checkpointed for every rank); may be per instance
+    setup_message: str = ""  # one line the adapters log at setup (e.g. BAR's pairs)
+    sample_batch_size: int = 1  # samples per micro-batch of per-sample gradients (SSAM's fisher_batch_size)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Variant:
+        variant = super().__new__(cls)
+        signature = inspect.signature(cls.__init__)
+        bound = signature.bind(variant, *args, **kwargs)
+        # what the user gave, less the values equal to a default (LightningCLI passes every default explicitly)
+        variant._config = {
+            k: v for k, v in list(bound.arguments.items())[1:] if not _is_default(v, signature.parameters[k].default)
+        }
+        return variant
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The options this variant was built with (only those given; ``rho`` included when given)."""
+        return dict(self._config)
+
+    def with_options(self, **options: Any) -> Variant:
+        """A fresh, unbound variant of the same class with this one's options updated by ``options``."""
+        return type(self)(**{**self._config, **options})
 
     def __init__(self, rho: float | None = None) -> None:
-        rho = self.default_rho if rho is None else rho
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
-            raise ValueError(
-                f"{self.name}: rho must be a finite number > 0, got {rho!r}; "
-                f"pass rho=None for the default ({self.default_rho})."
-            )
-        self.rho = float(rho)
-        self.all_reduce_sum_: Callable[[Tensor], Tensor] = sum_over_ranks_
+        hint = f"; pass rho=None for the default ({self.default_rho})."
+        self.rho = check.real(self.name, "rho", self.default_rho if rho is None else rho, "> 0", hint)
+        self.all_reduce_sum_: Callable[[Tensor], Tensor] = all_reduce_sum_
         self.refresh_seconds = 0.0  # wall time of refresh work (masks, statistics) since it was last reported
 
     def set_all_reduce(self, all_reduce_sum_: Callable[[Tensor], Tensor]) -> None:
@@ -115,9 +142,7 @@ class Variant(ABC):
         """Sum ``tensors`` over ranks in place, through one flat buffer (one all-reduce) in their
         :func:`~lightning_sam.tensor_ops.accumulation_dtype` (fp32, or fp64 when any is fp64); nothing to do on a
         single process."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if torch.distributed.get_world_size() == 1:
+        if world_size() == 1:
             return
         dtype = accumulation_dtype(tensors)
         flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
@@ -126,7 +151,6 @@ class Variant(ABC):
             t.copy_(part.reshape(t.shape))
 
     # ----------------------------------------------------------------- the rule
-    @abstractmethod
     def direction_(self, step: StepTensors) -> Tensor:
         """Overwrite ``step.grads`` with the unnormalized ascent direction ``u``; return ``n`` (0-dim, in the
         :func:`~lightning_sam.tensor_ops.accumulation_dtype` of the gradients: fp32, or fp64 for fp64 ones).
@@ -134,6 +158,7 @@ class Variant(ABC):
         The engine then sets ``w <- w + rho * u / (n + eps)``. ``step.params`` hold the current point on entry and
         must hold it again on return (at the first ascent, ``step.ascent == 0``, that point equals ``step.saved``).
         """
+        raise NotImplementedError(f"{type(self).__name__} has no ascent rule (registered with second_pass=False?)")
 
     def descent_(self, step: StepTensors) -> None:
         """Optionally replace the descent gradient ``step.grads`` (pass-2 gradients) in place. Identity here."""
@@ -158,8 +183,8 @@ class Variant(ABC):
         return None
 
     @classmethod
-    def trainer_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
-        """Options the Lightning adapters fill in from the Trainer when the user did not give them.
+    def run_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
+        """Options the Lightning adapters fill in from the run's length when the user did not give them.
 
         ``options`` are the user's; return only options missing there. Raise (through ``run.epoch`` /
         ``run.total``) when a missing option needs a length the run cannot tell, naming the option to pass.

@@ -20,18 +20,14 @@ step keeps its ``m`` unchanged.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_sam import validation as check
 from lightning_sam.tensor_ops import global_norm, widened_dtype
 from lightning_sam.variants.base import StepTensors, Variant
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class FSAM(Variant):
@@ -57,15 +53,9 @@ class FSAM(Variant):
         self, rho: float | None = None, sigma: float = 1.0, lmbda: float = 0.9, adaptive: bool = False
     ) -> None:
         super().__init__(rho)
-        if not _is_number(sigma) or sigma < 0:
-            raise ValueError(f"fsam: sigma must be a finite number >= 0, got {sigma!r} (default 1.0)")
-        if not _is_number(lmbda) or not 0 <= lmbda < 1:
-            raise ValueError(f"fsam: lmbda must be a finite number in [0, 1), got {lmbda!r} (default 0.9)")
-        if not isinstance(adaptive, bool):
-            raise ValueError(f"fsam: adaptive must be True or False, got {adaptive!r} (default False)")
-        self.sigma = float(sigma)
-        self.lmbda = float(lmbda)
-        self.adaptive = adaptive
+        self.sigma = check.real("fsam", "sigma", sigma, ">= 0", " (default 1.0)")
+        self.lmbda = check.real("fsam", "lmbda", lmbda, "in [0, 1)", " (default 0.9)")
+        self.adaptive = check.flag("fsam", "adaptive", adaptive)
         self.steps = 0  # ascents done (t - 1 during an ascent)
         self._ema: dict[str, Tensor] = {}  # name -> m (>= fp32, on the parameter's device)
         self._loaded: dict[str, Tensor] = {}  # name -> m from load_state_dict, not yet moved to its device

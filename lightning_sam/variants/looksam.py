@@ -19,12 +19,12 @@ summed over ranks first (the projection is invariant to the scale of ``g``): one
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_sam import validation as check
 from lightning_sam.tensor_ops import global_norm, widen, widened_dtype
 from lightning_sam.variants.base import StepTensors, Variant
 
@@ -45,11 +45,8 @@ class LookSAM(Variant):
 
     def __init__(self, rho: float | None = None, k: int = 5, alpha: float = 0.7) -> None:
         super().__init__(rho)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"looksam: k must be an integer >= 1, got {k!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"looksam: alpha must be a finite number >= 0, got {alpha!r}")
-        self.k, self.alpha = k, float(alpha)
+        self.k = check.integer("looksam", "k", k, 1)
+        self.alpha = check.real("looksam", "alpha", alpha, ">= 0")
         self._names: list[str] = []
         self._params: list[Tensor] = []
         self._gv: dict[str, Tensor] = {}  # g on a SAM step until pass 2, then g_v

@@ -14,11 +14,10 @@ Norms are one global L2 norm over all trained parameters, in fp32 (fp64 for fp64
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from lightning_sam import validation as check
 from lightning_sam.tensor_ops import global_norm
 from lightning_sam.variants.base import StepTensors, Variant
 
@@ -49,9 +48,7 @@ class ASAM(Variant):
 
     def __init__(self, rho: float | None = None, eta: float = 0.01) -> None:
         super().__init__(rho)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"asam: eta must be a finite number >= 0, got {eta!r} (default 0.01)")
-        self.eta = float(eta)
+        self.eta = check.real("asam", "eta", eta, ">= 0", " (default 0.01)")
 
     def direction_(self, step: StepTensors) -> Tensor:
         if step.ascent:

@@ -30,18 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sam import validation as check
 from lightning_sam.tensor_ops import accumulation_dtype, global_norm, widen, widened_dtype
 from lightning_sam.variants import ssam_masks as masks
 from lightning_sam.variants.base import RunLength, StepTensors, Variant
 
 MASKS = ("fisher", "dst")
 PATTERNS = ("unstructured", "structured", "n:m")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"ssam: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class SSAM(Variant):
@@ -64,9 +59,7 @@ class SSAM(Variant):
     """
 
     name = "ssam"
-    uses_run_length = True
     default_rho = 0.05
-    dense_save = False
 
     def __init__(
         self,
@@ -84,28 +77,24 @@ class SSAM(Variant):
         total_steps: int | None = None,
     ) -> None:
         super().__init__(rho)
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise ValueError(f"ssam: sparsity (the fraction NOT perturbed) must be in [0, 1), got {sparsity!r}")
-        if mask not in MASKS:
-            raise ValueError(f"ssam: unknown mask {mask!r}; choose one of {MASKS}")
-        if pattern not in PATTERNS:
-            raise ValueError(f"ssam: unknown pattern {pattern!r}; choose one of {PATTERNS}")
+        sparsity = check.real("ssam", "sparsity", sparsity, "in [0, 1)", " (the fraction NOT perturbed)")
+        check.choice("ssam", "mask", mask, MASKS)
+        check.choice("ssam", "pattern", pattern, PATTERNS)
         if mask == "dst" and pattern != "unstructured":
             raise ValueError("ssam: mask='dst' takes pattern='unstructured' only; use mask='fisher' for other patterns")
-        _check_int("n", n, 1)
-        _check_int("m", m, 2)
+        check.integer("ssam", "n", n, 1)
+        check.integer("ssam", "m", m, 2)
         if n >= m:
             raise ValueError(f"ssam: the N:M pattern needs 1 <= n < m, got n={n}, m={m}")
-        _check_int("num_samples", num_samples, 1)
-        _check_int("fisher_batch_size", fisher_batch_size, 1)
+        check.integer("ssam", "num_samples", num_samples, 1)
+        self.sample_batch_size = check.integer("ssam", "fisher_batch_size", fisher_batch_size, 1)
         if mask_every is not None:
-            _check_int("mask_every", mask_every, 1)
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate <= 1:
-            raise ValueError(f"ssam: drop_rate must be in [0, 1], got {drop_rate!r}")
-        _check_int("seed", seed, 0)
+            check.integer("ssam", "mask_every", mask_every, 1)
+        drop_rate = check.real("ssam", "drop_rate", drop_rate, "in [0, 1]")
+        check.integer("ssam", "seed", seed, 0)
         if total_steps is not None:
-            _check_int("total_steps", total_steps, 1)
-        self.sparsity = float(sparsity)
+            check.integer("ssam", "total_steps", total_steps, 1)
+        self.sparsity = sparsity
         self.mask = mask
         self.pattern = pattern
         self.n, self.m = n, m
@@ -135,14 +124,14 @@ class SSAM(Variant):
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     @classmethod
-    def trainer_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
+    def run_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
         dst = options.get("mask", "fisher") == "dst"
         defaults: dict[str, Any] = {}
-        if "mask_every" not in options:
+        if options.get("mask_every") is None:
             period = "every 5 epochs" if dst else "once per epoch"
             what = f"its {'DST' if dst else 'Fisher'} mask is refreshed {period} by default"
             defaults["mask_every"] = max(1, run.epoch("ssam", what, "mask_every") * (5 if dst else 1))
-        if "total_steps" not in options:
+        if options.get("total_steps") is None:
             if dst:
                 what = "mask='dst' anneals its drop rate over the whole run"
                 defaults["total_steps"] = max(1, run.total("ssam", what, "total_steps"))
@@ -167,6 +156,11 @@ class SSAM(Variant):
             self._set_mask([None] * len(params))
         elif self.mask == "dst" and self._kept is None:
             self._set_mask(masks.dst_initial([p.numel() for p in params], 1 - self.sparsity, self._generator))
+
+    @property
+    def setup_message(self) -> str:
+        whole = self.fully_perturbed
+        return f"these tensors cannot take the N:M pattern and are perturbed whole: {whole}" if whole else ""
 
     # ------------------------------------------------------------------ the rule
     def needs_second_pass(self, step_index: int) -> bool:

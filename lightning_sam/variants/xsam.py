@@ -32,14 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sam import validation as check
 from lightning_sam.tensor_ops import EPS, global_norm, widen
 from lightning_sam.variants.base import RunLength, StepTensors, Variant
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"xsam: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class XSAM(Variant):
@@ -57,7 +52,6 @@ class XSAM(Variant):
     """
 
     name = "xsam"
-    uses_run_length = True
     default_rho = 0.15
 
     def __init__(
@@ -71,28 +65,22 @@ class XSAM(Variant):
         alpha_every: int | None = None,
     ) -> None:
         super().__init__(rho)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"xsam: steps must be an integer >= 1, got {steps!r}")
-        self.steps = steps
-        self.rho_max = _positive("rho_max", 2 * self.rho if rho_max is None else rho_max)
-        self.alpha_step = _positive("alpha_step", alpha_step)
-        self.alpha_max = _positive("alpha_max", alpha_max)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"xsam: alpha must be a finite number, got {alpha!r}")
-        if alpha_every is not None and (
-            isinstance(alpha_every, bool) or not isinstance(alpha_every, int) or alpha_every < 0
-        ):
-            raise ValueError(f"xsam: alpha_every must be an integer >= 0 or None, got {alpha_every!r}")
+        self.steps = check.integer("xsam", "steps", steps, 1)
+        self.rho_max = check.real("xsam", "rho_max", 2 * self.rho if rho_max is None else rho_max)
+        self.alpha_step = check.real("xsam", "alpha_step", alpha_step)
+        self.alpha_max = check.real("xsam", "alpha_max", alpha_max)
+        self.alpha = check.real("xsam", "alpha", alpha, "any")
+        if alpha_every is not None:
+            check.integer("xsam", "alpha_every", alpha_every, 0, " (or None)")
         self.alpha_every = alpha_every
-        self.alpha = float(alpha)
         self.grid = [i * self.alpha_step for i in range(math.floor(self.alpha_max / self.alpha_step + 1e-9) + 1)]
         self.searches = 0
         self._next_search = 0
         self.last_probe_losses: Tensor | None = None
 
     @classmethod
-    def trainer_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
-        if "alpha_every" in options:
+    def run_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
+        if options.get("alpha_every") is not None:
             return {}
         what = "its alpha search runs once per epoch by default"
         return {"alpha_every": max(1, run.epoch("xsam", what, "alpha_every"))}

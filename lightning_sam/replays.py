@@ -1,0 +1,119 @@
+"""The replays the Lightning adapters hand to the step driver (:mod:`lightning_sam.step`): how to run the step's
+batch again at the current weights, and a side-effect-free loss probe.
+
+* :class:`StrategyReplay` (``SAMCallback``): the window's micro-batches through ``trainer.strategy`` (DDP's wrapper,
+  autocast, GradScaler's loss scaling), each loss divided by ``accumulate_grad_batches`` as Lightning divides pass 1.
+* :class:`ManualReplay` (``SAMMixin``): the user's ``loss_fn`` with ``manual_backward``.
+
+Both run the extra passes under a :class:`~lightning_sam.side_effects.SecondPassGuard` (no visible side effect).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_sam.glue import loss_from_output
+from lightning_sam.side_effects import SecondPassGuard
+from lightning_sam.strategies import set_gradient_sync
+from lightning_sam.tensor_ops import widen
+
+if TYPE_CHECKING:
+    from lightning_sam.callback import SAMCallback
+
+
+def training_step_of(pl_module: LightningModule, batch: Any, batch_idx: int) -> Any:
+    """``training_step`` on the module itself (not through the strategy), with ``batch_idx`` if it takes one."""
+    if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+        return pl_module.training_step(batch, batch_idx)
+    return pl_module.training_step(batch)
+
+
+class StrategyReplay:
+    """The callback's replay: the window's micro-batches again through ``trainer.strategy`` (DDP, autocast,
+    GradScaler's loss scaling), each loss divided by ``accumulate_grad_batches`` as Lightning divides pass 1."""
+
+    probe_clobbers_grads = False
+
+    def __init__(
+        self,
+        callback: SAMCallback,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        optimizer: Optimizer,
+        window: list[tuple[Any, int]],
+    ) -> None:
+        self.callback, self.trainer, self.pl_module, self.window = callback, trainer, pl_module, window
+        self.optimizer = optimizer
+        self.with_index = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+
+    def second_pass(self, sync: bool) -> Tensor:
+        """Pass 2 on every micro-batch of the window, without side effects; with ``sync``, DDP all-reduces on the
+        last one. Returns the summed loss as ``on_before_backward`` saw it."""
+        callback, strategy = self.callback, self.trainer.strategy
+        assert callback._guard is not None
+        callback._losses[1] = None
+        callback._in_second_pass = True
+        with callback._guard.active():
+            for i, (batch, batch_idx) in enumerate(self.window):
+                set_gradient_sync(self.trainer, sync and i == len(self.window) - 1)
+                loss = loss_from_output(strategy.training_step(*((batch, batch_idx) if self.with_index else (batch,))))
+                if loss is None:
+                    raise RuntimeError(
+                        "training_step returned None in SAM's second pass although it returned a loss in the first; "
+                        "skip batches deterministically (the same way in both passes)."
+                    )
+                strategy.backward(loss / self.trainer.accumulate_grad_batches, self.optimizer)
+        assert callback._losses[1] is not None
+        return callback._losses[1]
+
+    def probe(self) -> Tensor:
+        """The window's loss at the current weights: forward only, in training mode, without side effects."""
+        callback = self.callback
+        assert callback._guard is not None
+        total: Tensor | None = None
+        callback._in_second_pass = True
+        with torch.no_grad(), callback._guard.active(), self.trainer.precision_plugin.train_step_context():
+            for batch, batch_idx in self.window:
+                loss = loss_from_output(training_step_of(self.pl_module, batch, batch_idx))
+                if loss is None:
+                    raise RuntimeError("training_step returned None during a loss probe")
+                value = widen(loss.detach()) / self.trainer.accumulate_grad_batches
+                total = value if total is None else total + value
+        assert total is not None
+        return total
+
+
+class ManualReplay:
+    """The mixin's replay: ``loss_fn()`` + ``manual_backward`` (Lightning's precision and strategy apply)."""
+
+    probe_clobbers_grads = False
+
+    def __init__(self, module: LightningModule, loss_fn: Callable[[], Tensor], guard: SecondPassGuard) -> None:
+        self.module, self.loss_fn, self.guard = module, loss_fn, guard
+
+    def first_pass(self, sync: bool) -> Tensor:
+        set_gradient_sync(self.module.trainer, sync)
+        loss = self.loss_fn()
+        self.module.manual_backward(loss)
+        set_gradient_sync(self.module.trainer, True)
+        return loss.detach()
+
+    def second_pass(self, sync: bool) -> Tensor:
+        set_gradient_sync(self.module.trainer, sync)
+        with self.guard.active():
+            loss = self.loss_fn()
+            self.module.manual_backward(loss)
+        set_gradient_sync(self.module.trainer, True)
+        return loss.detach()
+
+    def probe(self) -> Tensor:
+        """Forward-only loss at the current weights (XSAM's alpha search)."""
+        with torch.no_grad(), self.guard.active():
+            return self.loss_fn().detach()
