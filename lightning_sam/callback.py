@@ -16,53 +16,35 @@ and BatchNorm running statistics are as pass 1 left them (see :mod:`lightning_sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam import validation as check
-from lightning_sam.batches import batch_size_of, batchnorm_in_eval, slice_batch
+from lightning_sam.batches import batch_size_of, slice_batch
 from lightning_sam.engine import SAMEngine
 from lightning_sam.glue import (
-    build_engine,
+    build_driver,
     check_trainer,
+    collect_samples,
     engine_checkpoint_state,
     engine_state_for_this_rank,
     log_step,
     loss_from_output,
-    precision_for,
-    validate_schedule,
-    warn_if_samples_outlast_epoch,
 )
 from lightning_sam.replays import StrategyReplay, training_step_of
+from lightning_sam.settings import SAMSettings
 from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.step import TwoPassStep
 from lightning_sam.strategies import set_gradient_sync
-from lightning_sam.variants import Variant, resolve_variant
 
 
-class SAMCallback(Callback):
+class SAMCallback(SAMSettings, Callback):
     """Train any automatic-optimization LightningModule with SAM or one of its variants. No module changes.
 
-    Args:
-        variant: a name from :func:`lightning_sam.available_variants` (``"sam"``, ``"asam"``, ...), or a variant
-            object such as ``SSAM(sparsity=0.5)`` (LightningCLI: ``class_path`` / ``init_args``).
-        rho: neighbourhood radius; ``None`` takes the variant's default (SAM 0.05, ASAM 0.5). With a variant name only.
-        sync_ascent: under DDP, all-reduce pass 1 too (global-gradient SAM). Default False: each rank ascends
-            with its own gradient (the paper's m-sharpness; half the communication); pass 2 always all-reduces.
-        interval: run the variant's ascent and pass 2 on every ``interval``-th optimizer step only (default 1);
-            the other steps are plain optimizer steps on ``g`` with no second forward/backward.
-        params: which parameters are perturbed (and counted in the gradient norm): ``None`` (all trained ones),
-            ``"norm"`` (normalization layers only: SAM-ON) or a callable ``(name, parameter) -> bool``.
-        skip_nonfinite: skip the optimizer step (weights and optimizer state untouched, with a warning) when the
-            loss at the perturbed weights is inf/NaN, which plain training would not meet at ``w``. Costs one host
-            sync per SAM step (not under 16-mixed, whose GradScaler skips such steps itself); ``False`` removes the
-            check and lets the non-finite gradient reach the optimizer, as plain Lightning does.
-        **variant_options: the variant's options, named as on the variant's docs page (ASAM: ``eta``), with a
-            variant name only.
+    Takes the options of :class:`lightning_sam.settings.SAMSettings`: ``variant`` (a name or a variant object),
+    ``rho``, ``sync_ascent``, ``interval``, ``params``, ``skip_nonfinite`` and the variant's options.
 
     Example::
 
@@ -75,46 +57,17 @@ class SAMCallback(Callback):
     tells them (and ``training_step``) which one is running.
     """
 
-    def __init__(
-        self,
-        variant: Variant | str = "sam",
-        rho: float | None = None,
-        *,
-        sync_ascent: bool = False,
-        interval: int = 1,
-        params: str | Callable[[str, Tensor], bool] | None = None,
-        skip_nonfinite: bool = True,
-        **variant_options: Any,
-    ) -> None:
-        super().__init__()
-        self.spec = resolve_variant(variant, rho, **variant_options)  # validated now, not in training
-        validate_schedule(interval, params)
-        self.sync_ascent = check.flag("", "sync_ascent", sync_ascent)
-        self.skip_nonfinite = check.flag("", "skip_nonfinite", skip_nonfinite)
-        self.interval = interval
-        self.params = params
-        self.engine: SAMEngine | None = None
-        self.driver: TwoPassStep | None = None
-        self._pending_state: dict[str, Any] | None = None
-        self._guard: SecondPassGuard | None = None
-        self._window: list[tuple[Any, int]] = []  # the micro-batches of this step whose pass 1 produced a loss
-        self._window_open = False  # a micro-batch of the coming optimizer step has started
-        self._current: tuple[Any, int] | None = None  # the micro-batch running now
-        self._losses: list[Tensor | None] = [None, None]  # pass 1, pass 2: as on_before_backward saw them
-        self._in_second_pass = False
-        self._samples_warned = False
+    # State of a fit, set up in on_fit_start (the options themselves are SAMSettings')
+    engine: SAMEngine | None = None
+    driver: TwoPassStep | None = None
+    _pending_state: dict[str, Any] | None = None
+    _guard: SecondPassGuard | None = None
+    _window_open = False  # a micro-batch of the coming optimizer step has started
+    _current: tuple[Any, int] | None = None  # the micro-batch running now
+    _in_second_pass = False
+    _samples_warned = False
 
     # ------------------------------------------------------------------ identity and state
-    @property
-    def variant(self) -> str:
-        """The variant's name."""
-        return self.spec.name
-
-    @property
-    def variant_options(self) -> dict[str, Any]:
-        """The options given to the variant (``rho`` aside)."""
-        return {k: v for k, v in self.spec.config.items() if k != "rho"}
-
     @property
     def state_key(self) -> str:
         return self._generate_state_key(variant=self.variant)
@@ -158,62 +111,43 @@ class SAMCallback(Callback):
                 f"SAMCallback needs exactly one optimizer, found {len(trainer.optimizers)}. Put all parameters in "
                 "one optimizer (param groups may carry their own 'sam_rho' or 'sam_exclude=True')."
             )
-        optimizer = trainer.optimizers[0]
-        self.engine = build_engine(
-            trainer, pl_module, optimizer, self.spec, "SAMCallback", select=self.params, interval=self.interval
+        state, self._pending_state = self._pending_state, None
+        self.driver = build_driver(
+            trainer, pl_module, trainer.optimizers[0], self, "SAMCallback", automatic=True, state=state
         )
-        if self._pending_state:
-            self.engine.load_state_dict(engine_state_for_this_rank(self._pending_state))
-            self._pending_state = None
-        precision = precision_for(
-            trainer,
-            optimizer,
-            automatic=True,
-            sync_ascent=self.sync_ascent,
-            skip_nonfinite=self.skip_nonfinite,
-            adapter="SAMCallback",
-        )
-        self.driver = TwoPassStep(self.engine, precision, sync_ascent=self.sync_ascent)
+        self.engine = self.driver.engine
         self._guard = SecondPassGuard(pl_module)
-        self._window, self._window_open = [], False
+        self._window: list[tuple[Any, int]] = []  # the micro-batches of this step whose pass 1 produced a loss
+        self._window_open = False
+        self._losses: list[Tensor | None] = [None, None]  # pass 1, pass 2: as on_before_backward saw them
 
     # ------------------------------------------------------------------ pass 1
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._window, self._window_open = [], False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        assert self.engine is not None and self.driver is not None
-        if self.engine.samples_needed():
-            if self.engine.step_count == 0 and not self._samples_warned:
-                self._samples_warned = True
-                wanted, size = self.engine.samples_needed(), batch_size_of(batch)
-                warn_if_samples_outlast_epoch(trainer, self.variant, wanted, size, "SAMCallback")
-            self._collect_samples(pl_module, batch, batch_idx)
+        assert self.engine is not None and self.driver is not None and self._guard is not None
+        if self.engine.samples_needed():  # slices of the batch through training_step on the module itself (local)
+
+            def loss_of_slice(start: int, stop: int) -> Tensor:
+                loss = loss_from_output(training_step_of(pl_module, slice_batch(batch, start, stop), batch_idx))
+                if loss is None:
+                    raise RuntimeError("training_step returned None on a slice of the batch during SSAM's Fisher pass")
+                return loss
+
+            first, self._samples_warned = not self._samples_warned and self.engine.step_count == 0, True
+            self._in_second_pass = True
+            try:
+                size = batch_size_of(batch)
+                collect_samples(self.driver, pl_module, self._guard, loss_of_slice, size, "SAMCallback", first=first)
+            finally:
+                self._in_second_pass = False
         if not self._window_open:  # the first micro-batch of an optimizer step
             self._window_open = True
             self._sync_first_pass = self.driver.plan()
             self._losses = [None, None]
         self._current = (batch, batch_idx)
         set_gradient_sync(trainer, self._sync_first_pass)
-
-    def _collect_samples(self, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """Per-sample gradients of this batch for the variant (SSAM's Fisher), with no visible side effect:
-        ``training_step`` on slices of the batch, on the LightningModule itself (local passes: only the squared
-        gradients are summed over ranks), BatchNorm on its running statistics, logs/metrics/buffers restored."""
-        assert self.driver is not None and self._guard is not None
-
-        def loss_of_slice(start: int, stop: int) -> Tensor:
-            loss = loss_from_output(training_step_of(pl_module, slice_batch(batch, start, stop), batch_idx))
-            if loss is None:
-                raise RuntimeError("training_step returned None on a slice of the batch during SSAM's Fisher pass")
-            return loss
-
-        self._in_second_pass = True
-        try:
-            with self._guard.active(), batchnorm_in_eval(pl_module):
-                self.driver.collect_samples(loss_of_slice, batch_size_of(batch))
-        finally:
-            self._in_second_pass = False
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         index = 1 if self._in_second_pass else 0

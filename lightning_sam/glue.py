@@ -10,7 +10,7 @@ and in :mod:`lightning_sam.strategies` (``strategy._ddp_kwargs``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,24 +19,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_sam.batches import batchnorm_in_eval
 from lightning_sam.distributed import gather_objects, rank, world_size
 from lightning_sam.engine import SAMEngine
 from lightning_sam.precision import GradScaling, NoScaling, Precision
-from lightning_sam.step import StepOutcome
+from lightning_sam.settings import SAMSettings
+from lightning_sam.side_effects import SecondPassGuard
+from lightning_sam.step import StepOutcome, TwoPassStep
 from lightning_sam.strategies import check_static_graph, check_strategy
 from lightning_sam.tensor_ops import widen
 from lightning_sam.variants import RunLength, Variant, variant_info
 
 
 # ---------------------------------------------------------------------------------------------- configuration
-def validate_schedule(interval: int, params: Any) -> None:
-    """Raise at construction for a bad ``interval`` or ``params`` filter."""
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
-    if params is not None and params != "norm" and not callable(params):
-        raise ValueError(f"params must be None, 'norm' or a callable (name, parameter) -> bool, got {params!r}")
-
-
 def check_optimizer(optimizer: Optimizer, adapter: str) -> None:
     """Reject optimizers whose ``step`` evaluates the closure several times (SAM perturbs once per step)."""
     if isinstance(optimizer, torch.optim.LBFGS):
@@ -102,25 +97,58 @@ def check_trainer(trainer: Trainer, sync_ascent: bool) -> None:
         check_static_graph(trainer)
 
 
-def build_engine(
-    trainer: Trainer, module: LightningModule, optimizer: Optimizer, spec: Variant, adapter: str, **engine_options: Any
-) -> SAMEngine:
-    """The engine of ``optimizer`` for this fit, its variant configured for the run; logs the variant's setup line."""
+def build_driver(
+    trainer: Trainer,
+    module: LightningModule,
+    optimizer: Optimizer,
+    settings: SAMSettings,
+    adapter: str,
+    *,
+    automatic: bool,
+    state: dict[str, Any] | None = None,
+) -> TwoPassStep:
+    """The step driver of ``optimizer`` for this fit: its engine (the variant configured for the run, ``state`` from
+    a checkpoint loaded) and its precision object; logs the variant's setup line."""
     check_optimizer(optimizer, adapter)
-    engine = SAMEngine.from_optimizer(optimizer, module, variant_for_run(trainer, spec), **engine_options)
+    engine = SAMEngine.from_optimizer(
+        optimizer, module, variant_for_run(trainer, settings.spec), **settings.engine_options
+    )
+    if state:
+        engine.load_state_dict(engine_state_for_this_rank(state))
     if engine.variant.setup_message:
         rank_zero_info(f"{adapter}: {engine.variant.setup_message}")
-    return engine
+    precision = precision_for(trainer, optimizer, automatic=automatic, settings=settings, adapter=adapter)
+    return TwoPassStep(engine, precision, sync_ascent=settings.sync_ascent)
+
+
+def collect_samples(
+    driver: TwoPassStep,
+    module: LightningModule,
+    guard: SecondPassGuard,
+    loss_of_slice: Callable[[int, int], Tensor],
+    batch_size: int,
+    adapter: str,
+    *,
+    first: bool,
+) -> None:
+    """Per-sample gradients for the variant (SSAM's Fisher) with no visible side effect: BatchNorm on its running
+    statistics, logs/metrics/buffers restored. At the ``first`` collection of a run, warn when it will take the whole
+    first epoch."""
+    if first:
+        engine = driver.engine
+        warn_if_samples_outlast_epoch(module.trainer, engine.variant.name, engine.samples_needed(), batch_size, adapter)
+    with guard.active(), batchnorm_in_eval(module):
+        driver.collect_samples(loss_of_slice, batch_size)
 
 
 def precision_for(
-    trainer: Trainer, optimizer: Optimizer, *, automatic: bool, sync_ascent: bool, skip_nonfinite: bool, adapter: str
+    trainer: Trainer, optimizer: Optimizer, *, automatic: bool, settings: SAMSettings, adapter: str
 ) -> Precision:
     """The precision object of a fit: GradScaling under 16-mixed, else NoScaling (with the non-finite check)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None and scaler.is_enabled():
-        return GradScaling(scaler, optimizer, unscaled_by_caller=automatic, across_ranks=not sync_ascent)
-    return NoScaling(skip_nonfinite=skip_nonfinite, adapter=adapter, warn=rank_zero_warn)
+        return GradScaling(scaler, optimizer, unscaled_by_caller=automatic, across_ranks=not settings.sync_ascent)
+    return NoScaling(skip_nonfinite=settings.skip_nonfinite, adapter=adapter, warn=rank_zero_warn)
 
 
 def warn_if_samples_outlast_epoch(trainer: Trainer, variant: str, wanted: int, batch_size: int, adapter: str) -> None:

@@ -25,25 +25,21 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_sam import validation as check
-from lightning_sam.batches import batchnorm_in_eval
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.engine import SAMEngine
 from lightning_sam.glue import (
-    build_engine,
+    build_driver,
     check_trainer,
+    collect_samples,
     engine_checkpoint_state,
-    engine_state_for_this_rank,
     log_step,
-    precision_for,
-    validate_schedule,
-    warn_if_samples_outlast_epoch,
 )
 from lightning_sam.precision import gradients_of
 from lightning_sam.replays import ManualReplay
+from lightning_sam.settings import SAMSettings
 from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.step import TwoPassStep
-from lightning_sam.variants import Variant, resolve_variant
+from lightning_sam.variants import Variant
 
 
 class SAMMixin:
@@ -56,26 +52,16 @@ class SAMMixin:
         variant: Variant | str = "sam",
         rho: float | None = None,
         *,
-        sync_ascent: bool = False,
-        interval: int = 1,
-        params: str | Callable[[str, Tensor], bool] | None = None,
-        skip_nonfinite: bool = True,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
-        **variant_options: Any,
+        **options: Any,
     ) -> None:
-        """Choose the variant (validated now) and the descent-gradient clipping. Call it in ``__init__``.
-
-        ``variant``, ``rho``, ``sync_ascent``, ``interval``, ``params``, ``skip_nonfinite`` and the variant's options
-        as in :class:`lightning_sam.SAMCallback`; ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or
-        ``"value"``) clip the unscaled descent gradient.
-        """
+        """Choose the variant and how SAM runs (validated now), and the descent-gradient clipping. Call it in
+        ``__init__``. ``variant``, ``rho`` and ``options`` are :class:`~lightning_sam.settings.SAMSettings`' (as for
+        ``SAMCallback``); ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``) clip the
+        unscaled descent gradient."""
         validate_clipping(gradient_clip_val, gradient_clip_algorithm)
-        validate_schedule(interval, params)
-        self._sam_spec = resolve_variant(variant, rho, **variant_options)
-        self._sam_options = {"select": params, "interval": interval}
-        self._sam_sync_ascent = check.flag("", "sync_ascent", sync_ascent)
-        self._sam_skip_nonfinite = check.flag("", "skip_nonfinite", skip_nonfinite)
+        self._sam_settings = SAMSettings(variant, rho, **options)
         self._sam_clip = (gradient_clip_val, gradient_clip_algorithm)
         self._sam_drivers: dict[int, TwoPassStep] = {}
 
@@ -104,28 +90,20 @@ class SAMMixin:
                 "sam_step needs manual optimization: set self.automatic_optimization = False in __init__ "
                 "(or use lightning_sam.SAMCallback with automatic optimization)."
             )
-        if "_sam_spec" not in self.__dict__:
+        if "_sam_settings" not in self.__dict__:
             self.configure_sam()
+        settings = self._sam_settings
         raw = getattr(optimizer, "optimizer", optimizer)
         trainer = self.trainer  # type: ignore[attr-defined]
         index = next((i for i, o in enumerate(trainer.optimizers) if o is raw), None)
         if index is None:
             raise RuntimeError("sam_step: the optimizer is not one of the trainer's optimizers")
         if index not in self._sam_drivers:
-            check_trainer(trainer, self._sam_sync_ascent)
-            engine = build_engine(trainer, self, raw, self._sam_spec, "SAMMixin", **self._sam_options)  # type: ignore[arg-type]
-            pending = self.__dict__.get("_sam_pending_state") or {}
-            if index in pending:
-                engine.load_state_dict(engine_state_for_this_rank(pending.pop(index)))
-            precision = precision_for(
-                trainer,
-                raw,
-                automatic=False,
-                sync_ascent=self._sam_sync_ascent,
-                skip_nonfinite=self._sam_skip_nonfinite,
-                adapter="SAMMixin",
-            )
-            self._sam_drivers[index] = TwoPassStep(engine, precision, sync_ascent=self._sam_sync_ascent)
+            check_trainer(trainer, settings.sync_ascent)
+            state = (self.__dict__.get("_sam_pending_state") or {}).pop(index, None)
+            self._sam_drivers[index] = build_driver(
+                trainer, self, raw, settings, "SAMMixin", automatic=False, state=state
+            )  # type: ignore[arg-type]
         return self._sam_drivers[index]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -170,7 +148,15 @@ class SAMMixin:
         driver, raw = self._sam_driver_for(optimizer), getattr(optimizer, "optimizer", optimizer)
         guard = self.__dict__.setdefault("_sam_guard", SecondPassGuard(self))  # type: ignore[arg-type]
         if driver.engine.samples_needed():
-            self._sam_collect(driver, guard, sample_loss_fn, batch_size)
+            if sample_loss_fn is None or batch_size is None:
+                raise RuntimeError(
+                    f"variant {driver.engine.variant.name!r} needs per-sample gradients this step (SSAM's Fisher "
+                    "mask): call self.sam_step(loss_fn, sample_loss_fn=lambda i, j: <loss of samples i:j>, "
+                    "batch_size=<samples in the batch>), or use SSAM with mask='dst'."
+                )
+            first = driver.engine.step_count == 0 and not self.__dict__.get("_sam_samples_warned")
+            self._sam_samples_warned = True
+            collect_samples(driver, self, guard, sample_loss_fn, batch_size, "SAMMixin", first=first)  # type: ignore[arg-type]
         loss, outcome = driver.run(raw, ManualReplay(self, loss_fn, guard))  # type: ignore[arg-type]
         log_step(self, driver.engine, driver.precision, outcome, loss)  # type: ignore[arg-type]
         clip_value, clip_algorithm = self._sam_clip
@@ -180,25 +166,3 @@ class SAMMixin:
         optimizer.step()
         optimizer.zero_grad()
         return loss
-
-    def _sam_collect(
-        self,
-        driver: TwoPassStep,
-        guard: SecondPassGuard,
-        sample_loss_fn: Callable[[int, int], Tensor] | None,
-        batch_size: int | None,
-    ) -> None:
-        """Per-sample gradients for the variant (SSAM's Fisher), BatchNorm on running statistics, no side effects."""
-        engine = driver.engine
-        if sample_loss_fn is None or batch_size is None:
-            raise RuntimeError(
-                f"variant {engine.variant.name!r} needs per-sample gradients this step (SSAM's Fisher mask): "
-                "call self.sam_step(loss_fn, sample_loss_fn=lambda i, j: <loss of samples i:j>, "
-                "batch_size=<samples in the batch>), or use SSAM with mask='dst'."
-            )
-        if engine.step_count == 0 and not self.__dict__.get("_sam_samples_warned"):
-            self._sam_samples_warned = True
-            trainer = self.trainer  # type: ignore[attr-defined]
-            warn_if_samples_outlast_epoch(trainer, engine.variant.name, engine.samples_needed(), batch_size, "SAMMixin")
-        with guard.active(), batchnorm_in_eval(self):  # type: ignore[arg-type]
-            driver.collect_samples(sample_loss_fn, batch_size)

@@ -17,6 +17,7 @@ pytest.importorskip("rich")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ROW_KEYS = {"method", "rho", "final_test_acc", "seconds", "sweep_seconds", "seeds", "test_acc_per_seed", "grid"}
+ROW_KEYS |= {"val_acc_per_rho", "early_stop_test_acc", "early_stop_epochs"}
 
 
 def load_example(name: str) -> ModuleType:
@@ -84,6 +85,8 @@ def test_digits_label_noise_quick(demo, tmp_path):
             assert len(run.test_acc) == len(run.train_acc) == len(run.val_acc) == 2, method
             for value in [*run.test_acc, *run.val_acc, *run.train_acc, run.train_acc_noisy]:
                 assert 0.0 <= value <= 1.0, (method, value)
+            stop = run.val_acc.index(max(run.val_acc))  # early stopping: the epoch is chosen on validation
+            assert (run.early_stop_epoch, run.early_stop) == (stop + 1, run.test_acc[stop]), method
         if method == "sgd":
             continue
         # The scores behind the choice are the sweep runs' final-epoch accuracies on the validation split (seed 0),
