@@ -33,7 +33,7 @@ from lightning_sam.glue import (
     log_step,
     loss_from_output,
 )
-from lightning_sam.replays import StrategyReplay, training_step_of
+from lightning_sam.replays import PassLosses, StrategyReplay, training_step_of
 from lightning_sam.settings import SAMSettings
 from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.step import TwoPassStep
@@ -64,8 +64,8 @@ class SAMCallback(SAMSettings, Callback):
     _guard: SecondPassGuard | None = None
     _window_open = False  # a micro-batch of the coming optimizer step has started
     _current: tuple[Any, int] | None = None  # the micro-batch running now
-    _in_second_pass = False
     _samples_warned = False
+    _passes = PassLosses()  # replaced per step; a class default so that in_second_pass works before fit
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -75,7 +75,7 @@ class SAMCallback(SAMSettings, Callback):
     @property
     def in_second_pass(self) -> bool:
         """True while this callback re-runs ``training_step`` at the perturbed weights."""
-        return self._in_second_pass
+        return self._passes.in_second_pass
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._pending_state or {}) if self.engine is None else engine_checkpoint_state(self.engine)
@@ -119,7 +119,7 @@ class SAMCallback(SAMSettings, Callback):
         self._guard = SecondPassGuard(pl_module)
         self._window: list[tuple[Any, int]] = []  # the micro-batches of this step whose pass 1 produced a loss
         self._window_open = False
-        self._losses: list[Tensor | None] = [None, None]  # pass 1, pass 2: as on_before_backward saw them
+        self._passes = PassLosses()
 
     # ------------------------------------------------------------------ pass 1
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -136,31 +136,29 @@ class SAMCallback(SAMSettings, Callback):
                 return loss
 
             first, self._samples_warned = not self._samples_warned and self.engine.step_count == 0, True
-            self._in_second_pass = True
+            self._passes.in_second_pass = True
             try:
                 size = batch_size_of(batch)
                 collect_samples(self.driver, pl_module, self._guard, loss_of_slice, size, "SAMCallback", first=first)
             finally:
-                self._in_second_pass = False
+                self._passes.in_second_pass = False
         if not self._window_open:  # the first micro-batch of an optimizer step
             self._window_open = True
             self._sync_first_pass = self.driver.plan()
-            self._losses = [None, None]
+            self._passes = PassLosses()
         self._current = (batch, batch_idx)
         set_gradient_sync(trainer, self._sync_first_pass)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        index = 1 if self._in_second_pass else 0
-        value = loss.detach()
-        self._losses[index] = value if self._losses[index] is None else self._losses[index] + value
-        if not self._in_second_pass and self._current is not None:
+        self._passes.add(loss.detach())
+        if not self._passes.in_second_pass and self._current is not None:
             self._window.append(self._current)  # pass 2 replays exactly the micro-batches that reached backward
 
     # ------------------------------------------------------------------ pass 2
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         window, self._window = self._window, []
         opened, self._window_open = self._window_open, False
-        assert self.engine is not None and self.driver is not None
+        assert self.engine is not None and self.driver is not None and self._guard is not None
         if not opened:
             raise RuntimeError(
                 f"{type(optimizer).__name__}.step evaluated its closure more than once in one optimizer step (a line "
@@ -171,13 +169,13 @@ class SAMCallback(SAMSettings, Callback):
             self.engine.plain_step()  # Lightning still counts the optimizer step: keep the schedules aligned
             return
         try:
-            replay = StrategyReplay(self, trainer, pl_module, optimizer, window)
+            replay = StrategyReplay(trainer, pl_module, optimizer, window, self._guard, self._passes)
             outcome = self.driver.after_first_pass(optimizer, replay)
         finally:
-            self._in_second_pass = False
+            self._passes.in_second_pass = False
             set_gradient_sync(trainer, True)
         self.driver.before_optimizer_step(optimizer)
-        log_step(pl_module, self.engine, self.driver.precision, outcome, self._losses[0])
+        log_step(pl_module, self.engine, self.driver.precision, outcome, self._passes.first)
 
     # ------------------------------------------------------------------ safety nets
     def _restore(self) -> None:

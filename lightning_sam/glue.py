@@ -125,8 +125,8 @@ def collect_samples(
     driver: TwoPassStep,
     module: LightningModule,
     guard: SecondPassGuard,
-    loss_of_slice: Callable[[int, int], Tensor],
-    batch_size: int,
+    loss_of_slice: Callable[[int, int], Tensor] | None,
+    batch_size: int | None,
     adapter: str,
     *,
     first: bool,
@@ -134,6 +134,12 @@ def collect_samples(
     """Per-sample gradients for the variant (SSAM's Fisher) with no visible side effect: BatchNorm on its running
     statistics, logs/metrics/buffers restored. At the ``first`` collection of a run, warn when it will take the whole
     first epoch."""
+    if loss_of_slice is None or batch_size is None:
+        raise RuntimeError(
+            f"variant {driver.engine.variant.name!r} needs per-sample gradients this step (SSAM's Fisher mask): call "
+            "self.sam_step(loss_fn, sample_loss_fn=lambda i, j: <loss of samples i:j>, batch_size=<samples in the "
+            "batch>), or use SSAM with mask='dst'."
+        )
     if first:
         engine = driver.engine
         warn_if_samples_outlast_epoch(module.trainer, engine.variant.name, engine.samples_needed(), batch_size, adapter)

@@ -27,13 +27,7 @@ from torch import Tensor
 
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.engine import SAMEngine
-from lightning_sam.glue import (
-    build_driver,
-    check_trainer,
-    collect_samples,
-    engine_checkpoint_state,
-    log_step,
-)
+from lightning_sam.glue import build_driver, check_trainer, collect_samples, engine_checkpoint_state, log_step
 from lightning_sam.precision import gradients_of
 from lightning_sam.replays import ManualReplay
 from lightning_sam.settings import SAMSettings
@@ -101,9 +95,8 @@ class SAMMixin:
         if index not in self._sam_drivers:
             check_trainer(trainer, settings.sync_ascent)
             state = (self.__dict__.get("_sam_pending_state") or {}).pop(index, None)
-            self._sam_drivers[index] = build_driver(
-                trainer, self, raw, settings, "SAMMixin", automatic=False, state=state
-            )  # type: ignore[arg-type]
+            driver = build_driver(trainer, self, raw, settings, "SAMMixin", automatic=False, state=state)  # type: ignore[arg-type]
+            self._sam_drivers[index] = driver
         return self._sam_drivers[index]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -129,17 +122,11 @@ class SAMMixin:
     ) -> Tensor:
         """One whole SAM step: pass 1, ascent, pass 2, restore, clipping, ``optimizer.step()``, ``zero_grad()``.
 
-        Args:
-            loss_fn: computes the module's loss on the current batch (forward only; called twice).
-            optimizer: defaults to ``self.optimizers()`` (there must be one then). With several optimizers, pass
-                the one to step; each gets its own engine (and variant state).
-            sample_loss_fn: for variants that need per-sample gradients (SSAM's Fisher mask): returns the loss
-                of samples ``i:j`` of the current batch as ``sample_loss_fn(i, j)``. It runs with BatchNorm on
-                running statistics and no visible side effects.
-            batch_size: the number of samples in the current batch (with ``sample_loss_fn``).
-
-        Returns:
-            The pass-1 loss, detached.
+        ``loss_fn()`` computes the module's loss on the current batch (forward only; called twice). ``optimizer``
+        defaults to ``self.optimizers()``; with several, pass the one to step (each has its own engine and state).
+        Variants that need per-sample gradients (SSAM's Fisher mask) also need ``sample_loss_fn(i, j)``, the loss of
+        samples ``i:j`` of the batch (run with BatchNorm on running statistics, no side effects), and ``batch_size``.
+        Returns the pass-1 loss, detached.
         """
         if optimizer is None:
             optimizer = self.optimizers()  # type: ignore[attr-defined]
@@ -148,12 +135,6 @@ class SAMMixin:
         driver, raw = self._sam_driver_for(optimizer), getattr(optimizer, "optimizer", optimizer)
         guard = self.__dict__.setdefault("_sam_guard", SecondPassGuard(self))  # type: ignore[arg-type]
         if driver.engine.samples_needed():
-            if sample_loss_fn is None or batch_size is None:
-                raise RuntimeError(
-                    f"variant {driver.engine.variant.name!r} needs per-sample gradients this step (SSAM's Fisher "
-                    "mask): call self.sam_step(loss_fn, sample_loss_fn=lambda i, j: <loss of samples i:j>, "
-                    "batch_size=<samples in the batch>), or use SSAM with mask='dst'."
-                )
             first = driver.engine.step_count == 0 and not self.__dict__.get("_sam_samples_warned")
             self._sam_samples_warned = True
             collect_samples(driver, self, guard, sample_loss_fn, batch_size, "SAMMixin", first=first)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ Both run the extra passes under a :class:`~lightning_sam.side_effects.SecondPass
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -24,15 +24,28 @@ from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.strategies import set_gradient_sync
 from lightning_sam.tensor_ops import widen
 
-if TYPE_CHECKING:
-    from lightning_sam.callback import SAMCallback
-
 
 def training_step_of(pl_module: LightningModule, batch: Any, batch_idx: int) -> Any:
     """``training_step`` on the module itself (not through the strategy), with ``batch_idx`` if it takes one."""
     if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
         return pl_module.training_step(batch, batch_idx)
     return pl_module.training_step(batch)
+
+
+class PassLosses:
+    """The losses Lightning's backward saw in the current step (``on_before_backward``), per pass, and which pass is
+    running (the callback's ``in_second_pass``)."""
+
+    def __init__(self) -> None:
+        self.first: Tensor | None = None
+        self.second: Tensor | None = None
+        self.in_second_pass = False
+
+    def add(self, loss: Tensor) -> None:
+        if self.in_second_pass:
+            self.second = loss if self.second is None else self.second + loss
+        else:
+            self.first = loss if self.first is None else self.first + loss
 
 
 class StrategyReplay:
@@ -43,24 +56,23 @@ class StrategyReplay:
 
     def __init__(
         self,
-        callback: SAMCallback,
         trainer: Trainer,
         pl_module: LightningModule,
         optimizer: Optimizer,
         window: list[tuple[Any, int]],
+        guard: SecondPassGuard,
+        passes: PassLosses,
     ) -> None:
-        self.callback, self.trainer, self.pl_module, self.window = callback, trainer, pl_module, window
-        self.optimizer = optimizer
+        self.trainer, self.pl_module, self.optimizer, self.window = trainer, pl_module, optimizer, window
+        self.guard, self.passes = guard, passes
         self.with_index = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
 
     def second_pass(self, sync: bool) -> Tensor:
         """Pass 2 on every micro-batch of the window, without side effects; with ``sync``, DDP all-reduces on the
         last one. Returns the summed loss as ``on_before_backward`` saw it."""
-        callback, strategy = self.callback, self.trainer.strategy
-        assert callback._guard is not None
-        callback._losses[1] = None
-        callback._in_second_pass = True
-        with callback._guard.active():
+        strategy, passes = self.trainer.strategy, self.passes
+        passes.second, passes.in_second_pass = None, True
+        with self.guard.active():
             for i, (batch, batch_idx) in enumerate(self.window):
                 set_gradient_sync(self.trainer, sync and i == len(self.window) - 1)
                 loss = loss_from_output(strategy.training_step(*((batch, batch_idx) if self.with_index else (batch,))))
@@ -70,16 +82,14 @@ class StrategyReplay:
                         "skip batches deterministically (the same way in both passes)."
                     )
                 strategy.backward(loss / self.trainer.accumulate_grad_batches, self.optimizer)
-        assert callback._losses[1] is not None
-        return callback._losses[1]
+        assert passes.second is not None
+        return passes.second
 
     def probe(self) -> Tensor:
         """The window's loss at the current weights: forward only, in training mode, without side effects."""
-        callback = self.callback
-        assert callback._guard is not None
         total: Tensor | None = None
-        callback._in_second_pass = True
-        with torch.no_grad(), callback._guard.active(), self.trainer.precision_plugin.train_step_context():
+        self.passes.in_second_pass = True
+        with torch.no_grad(), self.guard.active(), self.trainer.precision_plugin.train_step_context():
             for batch, batch_idx in self.window:
                 loss = loss_from_output(training_step_of(self.pl_module, batch, batch_idx))
                 if loss is None:
