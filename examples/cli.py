@@ -1,9 +1,11 @@
 """SAMCallback configured from YAML with LightningCLI.
 
     python examples/cli.py fit --config examples/sam_cli.yaml
-    python examples/cli.py fit --config examples/sam_cli.yaml --trainer.callbacks.init_args.sparsity 0.9
+    python examples/cli.py fit --config examples/sam_cli.yaml \\
+        --trainer.callbacks.init_args.variant.init_args.sparsity 0.9
 
-The variant options are flat keys beside ``variant`` and ``rho`` in the callback's ``init_args``, as in Python.
+The variant is a ``class_path`` (``lightning_sam.variants.SSAM``, ...) with its options as ``init_args``, or a plain
+name (``variant: asam``) with the variant's defaults.
 The model and data are small and synthetic so the example runs in seconds on a CPU.
 """
 

@@ -6,13 +6,14 @@ a minute; ``--devices 2`` runs 2-process DDP (gloo) with each rank ascending wit
 
 One step::
 
-    with fabric.no_backward_sync(model, enabled=local):   # DDP: pass 1 stays local (forward AND backward inside)
-        fabric.backward(loss_fn(model(x), y))             # pass 1 -> g
-    engine.ascend()                                       # save w, w <- w + e
-    optimizer.zero_grad()
-    fabric.backward(loss_fn(model(x), y))                 # pass 2 at w + e -> g_adv (all-reduced under DDP)
-    engine.descend()                                      # w <- saved w (bit-exact copy back)
-    optimizer.step()
+    def closure():                                  # zero, forward, backward, return the loss
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        fabric.backward(loss)
+        return loss
+
+    engine.step(closure, optimizer, no_sync=lambda: fabric.no_backward_sync(model))
+    # pass 1 (local under DDP) -> ascend -> pass 2 at w + e (all-reduced) -> descend, exact restore -> optimizer.step()
 
 Run::
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         DataLoader(test_set, batch_size=256),
         use_distributed_sampler=True,
     )
-    distributed = fabric.world_size > 1
+    no_sync = (lambda: fabric.no_backward_sync(model)) if fabric.world_size > 1 else None
 
     started = time.perf_counter()
     sharpness = torch.zeros(())
@@ -106,26 +107,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.train()
         loss_sum, sharp_sum, batches = torch.zeros(()), torch.zeros(()), 0
         for x, y in train_loader:
-            two_pass = engine.needs_second_pass()  # decide before pass 1: a step without pass 2 must all-reduce it
-            local = distributed and two_pass and not args.sync_ascent
-            optimizer.zero_grad()
-            # DDP decides in forward whether the coming backward all-reduces: the forward must be inside the context
-            with fabric.no_backward_sync(model, enabled=local):
-                loss1 = F.cross_entropy(model(x), y)
-                fabric.backward(loss1)
-            if two_pass and engine.ascend() is not None:
-                try:
-                    optimizer.zero_grad()
-                    loss2 = F.cross_entropy(model(x), y)  # at w + e
-                    fabric.backward(loss2)  # all-reduced under DDP: every rank descends with the same gradient
-                    engine.descend()
-                finally:
-                    engine.restore()  # never leave the weights perturbed (no-op after descend)
-                sharp_sum += (loss2 - loss1).detach()
-            else:
-                engine.plain_step()
-            engine.before_optimizer_step(optimizer)
-            optimizer.step()
+            losses: list[torch.Tensor] = []
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y, losses: list = losses) -> torch.Tensor:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)  # pass 1 at w, pass 2 at w + e
+                fabric.backward(loss)
+                losses.append(loss.detach())
+                return loss
+
+            # pass 1, ascent, pass 2, descent, exact restore, BAR's pre-step hook, optimizer.step(); under DDP the
+            # passes that must stay local run inside no_backward_sync (forward and backward)
+            loss1 = engine.step(closure, optimizer, no_sync=no_sync, sync_ascent=args.sync_ascent)
+            if len(losses) > 1:
+                sharp_sum += losses[-1] - losses[0]
             loss_sum += loss1.detach()
             batches += 1
             steps += 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -376,6 +377,9 @@ class SAMEngine:
         closure: Callable[[], Tensor],
         optimizer: torch.optim.Optimizer | None = None,
         probe: Callable[[], Tensor] | None = None,
+        *,
+        no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+        sync_ascent: bool = False,
     ) -> Tensor:
         """Run one whole step of the variant; with ``optimizer``, also its pre-step hook and ``optimizer.step()``.
 
@@ -386,11 +390,15 @@ class SAMEngine:
         the same batch for variants that probe the loss (XSAM's alpha search); without it they call ``closure``
         (its backward is wasted). Without ``optimizer`` the caller runs ``engine.before_optimizer_step(optimizer)``
         (a no-op for most variants) and ``optimizer.step()``. Returns the pass-1 loss.
+
+        Under DDP, ``no_sync`` (e.g. ``model.no_sync`` or ``lambda: fabric.no_backward_sync(model)``) makes the passes
+        that need no all-reduce local: pass 1 when pass 2 follows (unless ``sync_ascent``) and the intermediate
+        passes of a multi-step ascent; the last pass 2, and pass 1 of a step without pass 2, all-reduce.
         """
         from lightning_sam.step import TwoPassStep  # the driver imports the engine (for types only)
 
-        driver = TwoPassStep(self, NoScaling(skip_nonfinite=False))
-        loss, _ = driver.run(optimizer, _ClosureReplay(closure, probe))
+        driver = TwoPassStep(self, NoScaling(skip_nonfinite=False), sync_ascent=sync_ascent)
+        loss, _ = driver.run(optimizer, _ClosureReplay(closure, probe, no_sync))
         if optimizer is not None:
             driver.before_optimizer_step(optimizer)
             optimizer.step()
@@ -460,18 +468,24 @@ class SAMEngine:
 
 
 class _ClosureReplay:
-    """:meth:`SAMEngine.step`'s replay: every pass is the training closure (it zeroes, computes, backpropagates)."""
+    """:meth:`SAMEngine.step`'s replay: every pass is the training closure (it zeroes, computes, backpropagates),
+    inside ``no_sync()`` when the pass must not all-reduce."""
 
-    def __init__(self, closure: Callable[[], Tensor], probe: Callable[[], Tensor] | None) -> None:
-        self.closure = closure
-        self.probe_fn = probe
+    def __init__(
+        self,
+        closure: Callable[[], Tensor],
+        probe: Callable[[], Tensor] | None,
+        no_sync: Callable[[], AbstractContextManager[Any]] | None,
+    ) -> None:
+        self.closure, self.probe_fn, self.no_sync = closure, probe, no_sync
         self.probe_clobbers_grads = probe is None
 
     def first_pass(self, sync: bool) -> Tensor:
-        return self.closure()
+        return self.second_pass(sync)
 
     def second_pass(self, sync: bool) -> Tensor:
-        return self.closure()
+        with nullcontext() if sync or self.no_sync is None else self.no_sync():
+            return self.closure()
 
     def probe(self) -> Tensor:
         return (self.probe_fn or self.closure)()

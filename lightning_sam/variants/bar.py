@@ -88,7 +88,7 @@ class _DeviceGroup:
         self.zero = torch.zeros((), dtype=torch.float32, device=device)  # a missing gradient's norm (dtype: _rescale_)
 
 
-class BAR(Variant):
+class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
     """Balancedness-aware regularization of two-factor pairs ``(A, B)``, no second pass.
 
     Args:
@@ -111,9 +111,6 @@ class BAR(Variant):
     State: ``step``, the number of optimizer steps seen (``t`` of the next step). ``T`` is an option, not state:
     give ``total_steps`` explicitly when a resumed run would otherwise derive another ``T`` from its Trainer.
     """
-
-    name = "bar"
-    default_rho = 1.0  # placeholder the engine's per-group checks accept; BAR never perturbs
 
     def __init__(
         self,

@@ -100,14 +100,23 @@ class StepTensors:
 
 
 class Variant:
-    """Base class of a SAM variant. Subclasses set ``name`` and ``default_rho``, take their options as keyword
-    arguments of ``__init__`` (typed, with defaults, validated there) and implement ``direction_``."""
+    """Base class of a SAM variant. Subclasses give their ``name`` and ``default_rho`` as class keywords
+    (``class XSAM(Variant, name="xsam", default_rho=0.15)``), take their options as keyword arguments of ``__init__``
+    (typed, with defaults, validated there) and implement ``direction_``."""
 
     name: ClassVar[str] = ""
     default_rho: ClassVar[float] = 0.05
     per_rank_state: bool = False  # state differs between DDP ranks (checkpointed for every rank); may be per instance
     setup_message: str = ""  # one line the adapters log at setup (e.g. BAR's pairs)
     sample_batch_size: int = 1  # samples per micro-batch of per-sample gradients (SSAM's fisher_batch_size)
+
+    def __init_subclass__(cls, name: str = "", default_rho: float | None = None, **kwargs: Any) -> None:
+        """``class XSAM(Variant, name="xsam", default_rho=0.15)``: the name users type and the default radius."""
+        super().__init_subclass__(**kwargs)
+        if name:
+            cls.name = name
+        if default_rho is not None:
+            cls.default_rho = default_rho
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Variant:
         variant = super().__new__(cls)

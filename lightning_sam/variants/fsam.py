@@ -30,7 +30,7 @@ from lightning_sam.tensor_ops import global_norm, widened_dtype
 from lightning_sam.variants.base import StepTensors, Variant
 
 
-class FSAM(Variant):
+class FSAM(Variant, name="fsam"):
     """Friendly SAM: ascend along ``d = g - sigma * m``, ``m`` an EMA of the pass-1 gradients.
 
     Args:
@@ -45,8 +45,6 @@ class FSAM(Variant):
     bit-exactly).
     """
 
-    name = "fsam"
-    default_rho = 0.05
     per_rank_state = True  # under a local ascent each rank averages its own pass-1 gradient
 
     def __init__(

@@ -31,7 +31,7 @@ from lightning_sam.variants.base import StepTensors, Variant
 TINY = 1e-12
 
 
-class LookSAM(Variant):
+class LookSAM(Variant, name="looksam"):
     """LookSAM; see the module docstring.
 
     Args:
@@ -39,9 +39,6 @@ class LookSAM(Variant):
         k: a SAM step every ``k`` optimizer steps (default 5).
         alpha: weight of the reused ``g_v`` on the other steps (default 0.7, >= 0).
     """
-
-    name = "looksam"
-    default_rho = 0.05
 
     def __init__(self, rho: float | None = None, k: int = 5, alpha: float = 0.7) -> None:
         super().__init__(rho)

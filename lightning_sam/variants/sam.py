@@ -22,11 +22,8 @@ from lightning_sam.tensor_ops import global_norm
 from lightning_sam.variants.base import StepTensors, Variant
 
 
-class SAM(Variant):
+class SAM(Variant, name="sam"):
     """Sharpness-Aware Minimization: ``e = rho * g / (||g|| + eps)``. No state."""
-
-    name = "sam"
-    default_rho = 0.05
 
     def __init__(self, rho: float | None = None) -> None:
         super().__init__(rho)
@@ -35,16 +32,13 @@ class SAM(Variant):
         return global_norm(step.grads)
 
 
-class ASAM(Variant):
+class ASAM(Variant, name="asam", default_rho=0.5):
     """Adaptive SAM: ``e = rho * T^2 * g / (||T * g|| + eps)`` with ``T = |w| + eta``. No state.
 
     Args:
         rho: neighbourhood radius in the scaled space (default 0.5).
         eta: offset added to ``|w|`` so that zero weights are still perturbed (default 0.01, >= 0).
     """
-
-    name = "asam"
-    default_rho = 0.5
 
     def __init__(self, rho: float | None = None, eta: float = 0.01) -> None:
         super().__init__(rho)

@@ -39,7 +39,7 @@ MASKS = ("fisher", "dst")
 PATTERNS = ("unstructured", "structured", "n:m")
 
 
-class SSAM(Variant):
+class SSAM(Variant, name="ssam"):
     """Sparse SAM: ``e = rho * (g * M) / (||g|| + eps)`` with a Fisher or DST mask ``M``; see the module docstring.
 
     Args:
@@ -57,9 +57,6 @@ class SSAM(Variant):
         seed: seeds DST's random start and regrowth (identical on every rank).
         total_steps: ``T`` of DST's cosine schedule (the callback fills it in from the Trainer).
     """
-
-    name = "ssam"
-    default_rho = 0.05
 
     def __init__(
         self,

@@ -37,7 +37,7 @@ from lightning_sam.tensor_ops import EPS, global_norm, widen
 from lightning_sam.variants.base import RunLength, StepTensors, Variant
 
 
-class XSAM(Variant):
+class XSAM(Variant, name="xsam", default_rho=0.15):
     """Explicit SAM; see the module docstring for the rule.
 
     Args:
@@ -50,9 +50,6 @@ class XSAM(Variant):
         alpha_every: steps between searches (``None``: only at step 0 in ``SAMEngine``; the callback searches on
             the first batch of each epoch). ``0`` disables the search (``alpha`` stays fixed).
     """
-
-    name = "xsam"
-    default_rho = 0.15
 
     def __init__(
         self,
