@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--noises", help="label-noise levels (default 0.0,0.2,0.4)")
     parser.add_argument("--seeds", help="seeds (default 0,1,2)")
-    parser.add_argument("--epochs", type=int, default=40, help="epochs per run (default 40; the demo's is 60)")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs per run (default 40; the demo's is 30)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one torch thread each (default 1)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 2 epochs; unless given: sgd,sam,looksam, noise 0.2, seed 0"
