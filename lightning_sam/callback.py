@@ -25,13 +25,14 @@ from torch.optim import Optimizer
 from lightning_sam.batches import batch_size_of, slice_batch
 from lightning_sam.engine import SAMEngine
 from lightning_sam.glue import (
+    StepMetrics,
     build_driver,
     check_trainer,
     collect_samples,
     engine_checkpoint_state,
     engine_state_for_this_rank,
-    log_step,
     loss_from_output,
+    should_log,
 )
 from lightning_sam.replays import PassLosses, StrategyReplay, training_step_of
 from lightning_sam.settings import SAMSettings
@@ -120,10 +121,14 @@ class SAMCallback(SAMSettings, Callback):
         self._window: list[tuple[Any, int]] = []  # the micro-batches of this step whose pass 1 produced a loss
         self._window_open = False
         self._passes = PassLosses()
+        self._metrics = StepMetrics()
 
     # ------------------------------------------------------------------ pass 1
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._window, self._window_open = [], False
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._metrics.epoch_end(pl_module)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.engine is not None and self.driver is not None and self._guard is not None
@@ -170,12 +175,13 @@ class SAMCallback(SAMSettings, Callback):
             return
         try:
             replay = StrategyReplay(trainer, pl_module, optimizer, window, self._guard, self._passes)
-            outcome = self.driver.after_first_pass(optimizer, replay)
+            logging = should_log(trainer)
+            outcome = self.driver.after_first_pass(optimizer, replay, measure=logging)
         finally:
             self._passes.in_second_pass = False
             set_gradient_sync(trainer, True)
         self.driver.before_optimizer_step(optimizer)
-        log_step(pl_module, self.engine, self.driver.precision, outcome, self._passes.first)
+        self._metrics.record(pl_module, self.engine, self.driver.precision, outcome, self._passes.first, logging)
 
     # ------------------------------------------------------------------ safety nets
     def _restore(self) -> None:

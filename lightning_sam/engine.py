@@ -21,6 +21,7 @@ ops, and the restore. The variant (``lightning_sam.variants``) only supplies the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -230,7 +231,7 @@ class SAMEngine:
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def ascend(self, grad_scale: Tensor | None = None) -> Tensor | None:
+    def ascend(self, grad_scale: Tensor | None = None, *, measure: bool = True) -> Tensor | None:
         """Perturb the weights in place: save ``w`` (first ascent of the step), then ``w <- w + e``.
 
         ``e = rho * u / (n + eps)`` where the variant turns the current gradients into ``u`` and ``n``. The
@@ -239,6 +240,8 @@ class SAMEngine:
 
         Returns ``||e||`` as a 0-dim tensor (fp32; fp64 when a gradient is fp64: norms and ``rho / (n + eps)`` are
         computed in at least the parameters' precision), or ``None`` when no parameter has a gradient (nothing done).
+        With ``measure=False`` the norm (a pass over ``e``) is not computed: a NaN stands in for it (the adapters
+        measure only on the steps that log it).
         """
         active = self._collect(self._perturbed)
         if active is None:
@@ -255,7 +258,10 @@ class SAMEngine:
             for rho, positions in self._rho_groups:
                 torch._foreach_mul_([active.grads[i] for i in positions], rho / denominator)
         self._perturbed = True  # from here on, restore() must run
+        active.measure = measure
         perturbation_norm = self.variant.apply_(active)
+        if perturbation_norm is None:
+            return torch.full((), math.nan, device=denominator.device)
         self.last_perturbation_norm = perturbation_norm
         return perturbation_norm
 

@@ -213,29 +213,50 @@ def should_log(trainer: Trainer) -> bool:
     return bool(getattr(trainer._logger_connector, "should_update_logs", True))
 
 
-def log_metrics(pl_module: LightningModule, values: dict[str, Tensor]) -> None:
-    """Log tensors through Lightning without a host sync: per step, plus epoch means on a single process.
+class StepMetrics:
+    """SAM's metrics of a fit, on Lightning's logging cadence and without a host sync.
 
-    Under DDP the values are rank-local and logged per step only (an epoch mean would need ``sync_dist``,
-    i.e. a reduction; rank 0's values are what loggers record).
+    On the steps that log (``Trainer(log_every_n_steps=...)``): ``sam/sharpness_step`` (pass-2 loss minus pass-1
+    loss), ``sam/perturbation_norm_step`` (``||e||``, measured on those steps only: it costs a pass over ``e``) and the
+    variant's metrics (``<name>_step``). At the end of each epoch, on a single process: ``<name>_epoch``, the mean of
+    the values recorded in the epoch (``sam/sharpness``: every SAM step whose update was not skipped; the others:
+    the logging steps). Under DDP the values are rank-local and logged per step only (an epoch mean would need a
+    reduction); loggers record rank 0's.
     """
-    on_epoch = world_size() == 1
-    for name, value in values.items():
-        pl_module.log(name, value, on_step=True, on_epoch=on_epoch)
 
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
 
-def log_step(
-    pl_module: LightningModule,
-    engine: SAMEngine,
-    precision: Precision,
-    outcome: StepOutcome,
-    first_loss: Tensor | None,
-) -> None:
-    """A step's metrics: ``sam/sharpness`` and ``sam/perturbation_norm`` on steps whose pass 2 ran and whose update
-    is not skipped, and the variant's metrics on Lightning's logging cadence."""
-    second_loss = outcome.second_loss
-    if outcome.second_pass and not outcome.skipped and first_loss is not None and second_loss is not None:
-        sharpness = precision.logged_loss(widen(second_loss) - widen(first_loss))
-        log_metrics(pl_module, {"sam/sharpness": sharpness, "sam/perturbation_norm": outcome.perturbation_norm})
-    if should_log(pl_module.trainer):
-        log_metrics(pl_module, engine.variant.metrics())
+    def record(
+        self,
+        pl_module: LightningModule,
+        engine: SAMEngine,
+        precision: Precision,
+        outcome: StepOutcome,
+        first_loss: Tensor | None,
+        logging: bool,
+    ) -> None:
+        """One step's values (``logging``: this step logs, see :func:`should_log`)."""
+        values: dict[str, Tensor] = {}
+        second_loss = outcome.second_loss
+        if outcome.second_pass and not outcome.skipped and first_loss is not None and second_loss is not None:
+            values["sam/sharpness"] = precision.logged_loss(widen(second_loss) - widen(first_loss))
+            if logging and outcome.perturbation_norm is not None:
+                values["sam/perturbation_norm"] = outcome.perturbation_norm
+        if logging:
+            values.update(engine.variant.metrics())
+        for name, value in values.items():
+            value = value.detach()
+            self._sums[name] = value if name not in self._sums else self._sums[name] + value.to(self._sums[name])
+            self._counts[name] = self._counts.get(name, 0) + 1
+            if logging:
+                pl_module.log(f"{name}_step", value, on_step=True, on_epoch=False)
+
+    def epoch_end(self, pl_module: LightningModule) -> None:
+        """Log the epoch means (single process) and start a new epoch."""
+        if world_size() == 1:
+            for name, total in self._sums.items():
+                pl_module.log(f"{name}_epoch", total / self._counts[name], on_step=False, on_epoch=True)
+        self._sums.clear()
+        self._counts.clear()

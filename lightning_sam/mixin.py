@@ -27,7 +27,14 @@ from torch import Tensor
 
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.engine import SAMEngine
-from lightning_sam.glue import build_driver, check_trainer, collect_samples, engine_checkpoint_state, log_step
+from lightning_sam.glue import (
+    StepMetrics,
+    build_driver,
+    check_trainer,
+    collect_samples,
+    engine_checkpoint_state,
+    should_log,
+)
 from lightning_sam.precision import gradients_of
 from lightning_sam.replays import ManualReplay
 from lightning_sam.settings import SAMSettings
@@ -99,6 +106,11 @@ class SAMMixin:
             self._sam_drivers[index] = driver
         return self._sam_drivers[index]
 
+    def on_train_epoch_end(self) -> None:
+        if "_sam_metrics" in self.__dict__:
+            self._sam_metrics.epoch_end(self)  # type: ignore[arg-type]
+        super().on_train_epoch_end()  # type: ignore[misc]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         drivers = self.__dict__.get("_sam_drivers") or {}
         if drivers:  # every rank calls this hook: per-rank state is gathered here
@@ -138,8 +150,10 @@ class SAMMixin:
             first = driver.engine.step_count == 0 and not self.__dict__.get("_sam_samples_warned")
             self._sam_samples_warned = True
             collect_samples(driver, self, guard, sample_loss_fn, batch_size, "SAMMixin", first=first)  # type: ignore[arg-type]
-        loss, outcome = driver.run(raw, ManualReplay(self, loss_fn, guard))  # type: ignore[arg-type]
-        log_step(self, driver.engine, driver.precision, outcome, loss)  # type: ignore[arg-type]
+        logging = should_log(self.trainer)  # type: ignore[attr-defined]
+        loss, outcome = driver.run(raw, ManualReplay(self, loss_fn, guard), measure=logging)  # type: ignore[arg-type]
+        metrics = self.__dict__.setdefault("_sam_metrics", StepMetrics())
+        metrics.record(self, driver.engine, driver.precision, outcome, loss, logging)  # type: ignore[arg-type]
         clip_value, clip_algorithm = self._sam_clip
         if clip_value is not None:  # under GradScaler the gradients are still scaled here (Lightning unscales in step)
             clip_gradients_(gradients_of(raw), clip_value, clip_algorithm, scale=driver.precision.gradient_scale())

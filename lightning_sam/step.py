@@ -87,20 +87,23 @@ class TwoPassStep:
             return 0
         return self.engine.collect_samples(loss_of_slice, batch_size)
 
-    def run(self, optimizer: Optimizer | None, replay: FullReplay) -> tuple[Tensor, StepOutcome]:
+    def run(
+        self, optimizer: Optimizer | None, replay: FullReplay, *, measure: bool = True
+    ) -> tuple[Tensor, StepOutcome]:
         """Pass 1 through ``replay`` and everything after it; returns the pass-1 loss and the outcome. The caller
         then runs :meth:`before_optimizer_step` and ``optimizer.step()``."""
         loss = replay.first_pass(self.plan())
-        return loss, self.after_first_pass(optimizer, replay)
+        return loss, self.after_first_pass(optimizer, replay, measure=measure)
 
-    def after_first_pass(self, optimizer: Optimizer | None, replay: Replay) -> StepOutcome:
+    def after_first_pass(self, optimizer: Optimizer | None, replay: Replay, *, measure: bool = True) -> StepOutcome:
         """Ascent, pass(es) 2, descent and exact restore, after pass 1 left ``g`` in ``.grad``. Without ``optimizer``
-        (a closure that zeroes the gradients itself) nothing is zeroed here and the precision must be NoScaling."""
+        (a closure that zeroes the gradients itself) nothing is zeroed here and the precision must be NoScaling.
+        ``measure``: compute ``||e||`` (a pass over ``e``; the adapters ask on the steps that log it only)."""
         engine, precision = self.engine, self.precision
         if not self.planned or precision.first_pass_overflowed(optimizer):
             engine.plain_step()  # no pass 2 (planned so, or GradScaler skips this step and lowers the scale once)
             return StepOutcome(second_pass=False)
-        perturbation_norm = engine.ascend()
+        perturbation_norm = engine.ascend(measure=measure)
         if perturbation_norm is None:  # no parameter has a gradient
             engine.plain_step()
             return StepOutcome(second_pass=False)
@@ -119,7 +122,7 @@ class TwoPassStep:
         finally:
             engine.restore()
         skipped = precision.step_skipped(optimizer, loss, engine.step_count - 1)
-        return StepOutcome(True, perturbation_norm, loss, skipped)
+        return StepOutcome(True, perturbation_norm if measure else None, loss, skipped)
 
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
         """The variant's pre-step rule (BAR), after the descent gradient is final; a no-op for most variants."""

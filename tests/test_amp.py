@@ -152,7 +152,8 @@ def test_a_skipped_step_stays_out_of_the_sam_metrics(optimizer):
             logged.append(trainer.callback_metrics.get("sam/sharpness_step"))
 
     module = Poisoned(make_mlp(), optimizer=optimizer, poison=((1, "pass2"),))
-    trainer = quiet_trainer(max_epochs=1, plugins=[fp16_plugin()], callbacks=[SAMCallback("sam"), Recorder()])
+    callbacks = [SAMCallback("sam"), Recorder()]
+    trainer = quiet_trainer(max_epochs=1, plugins=[fp16_plugin()], callbacks=callbacks, log_every_n_steps=1)
     trainer.fit(module, fixed_loader(n=64, batch_size=16))
     assert torch.isfinite(trainer.callback_metrics["sam/sharpness_epoch"])
     assert all(value is not None and torch.isfinite(value) for value in logged)

@@ -406,7 +406,7 @@ def test_trainer_64_true_max_steps_matches_fp64_reference(variant):
     expected = run_steps_reference(variant, copy.deepcopy(net).double(), double_batches(n=64)[:3])
     module = Classifier(copy.deepcopy(net))
     callback = SAMCallback(variant)
-    trainer = quiet_trainer(precision="64-true", max_steps=3, callbacks=[callback])
+    trainer = quiet_trainer(precision="64-true", max_steps=3, callbacks=[callback], log_every_n_steps=1)
     trainer.fit(module, loader)
     assert trainer.global_step == 3
     assert callback.engine is not None and callback.engine.last_perturbation_norm.dtype == torch.float64

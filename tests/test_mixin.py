@@ -37,7 +37,7 @@ def test_mixin_matches_reference(variant, rho, optimizer_name):
     for batch in loader:
         reference_sam_step(reference, cross_entropy_of(batch), optimizer, variant, rho)
     module = ManualSAM(copy.deepcopy(net), variant, rho, optimizer=optimizer_name)
-    trainer = quiet_trainer(max_epochs=1)
+    trainer = quiet_trainer(max_epochs=1, log_every_n_steps=1)
     trainer.fit(module, loader)
     assert trainer.global_step == 6
     assert module.sam_engine.step_count == 6
@@ -45,7 +45,7 @@ def test_mixin_matches_reference(variant, rho, optimizer_name):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     for b, c in zip(module.net.buffers(), reference.buffers()):
         torch.testing.assert_close(b, c, atol=1e-6, rtol=0)
-    assert trainer.callback_metrics["sam/perturbation_norm"].item() > 0
+    assert trainer.callback_metrics["sam/perturbation_norm_step"].item() > 0
 
 
 def test_mixin_requires_manual_optimization():

@@ -97,6 +97,7 @@ class StepTensors:
     step: int = 0
     evaluate: Callable[[], Tensor] | None = None
     evaluate_clobbers_grads: bool = False
+    measure: bool = True  # apply_ computes ||e|| (the adapters ask for it on logging steps only)
 
 
 class Variant:
@@ -204,10 +205,10 @@ class Variant:
         """Before the first ascent of a step: keep what :meth:`restore_` copies back. Dense copy by default."""
         torch._foreach_copy_(step.saved, step.params)
 
-    def apply_(self, step: StepTensors) -> Tensor:
+    def apply_(self, step: StepTensors) -> Tensor | None:
         """Add the perturbation ``e`` (already in ``step.grads``) to the weights; return ``||e||`` (fp32, or fp64
-        for fp64 tensors)."""
-        norm = global_norm(step.grads)
+        for fp64 tensors) when ``step.measure``, else None."""
+        norm = global_norm(step.grads) if step.measure else None
         torch._foreach_add_(step.params, step.grads)
         return norm
 

@@ -179,14 +179,16 @@ class SSAM(Variant, name="ssam"):
             elif index.numel():
                 torch.index_select(p.reshape(-1), 0, index, out=saved)
 
-    def apply_(self, step: StepTensors) -> Tensor:
-        squares = []
+    def apply_(self, step: StepTensors) -> Tensor | None:
+        squares: list[Tensor] = []
+        measure = step.measure
         for name, p, e in zip(step.names, step.params, step.grads):
             index = self._device_index[name]
             if index is None:
                 p.add_(e)
-                flat = widen(e.reshape(-1))  # >= fp32 (fp64 for fp64), no copy for fp32 / fp64
-                squares.append(torch.dot(flat, flat))
+                if measure:
+                    flat = widen(e.reshape(-1))  # >= fp32 (fp64 for fp64), no copy for fp32 / fp64
+                    squares.append(torch.dot(flat, flat))
             elif index.numel():
                 if e.dtype == p.dtype:
                     kept = self._scratch[(p.device, p.dtype)][: index.numel()]
@@ -194,8 +196,11 @@ class SSAM(Variant, name="ssam"):
                 else:  # gradients in another dtype than the weights: rare, pays a small allocation
                     kept = e.reshape(-1).index_select(0, index).to(p.dtype)
                 p.reshape(-1).index_add_(0, index, kept)
-                flat = widen(kept)
-                squares.append(torch.dot(flat, flat))
+                if measure:
+                    flat = widen(kept)
+                    squares.append(torch.dot(flat, flat))
+        if not measure:
+            return None
         if not squares:
             return torch.zeros((), dtype=accumulation_dtype(step.grads), device=step.params[0].device)
         device = squares[0].device
