@@ -10,6 +10,7 @@ Both run the extra passes under a :class:`~lightning_sam.side_effects.SecondPass
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +26,22 @@ from lightning_sam.strategies import set_gradient_sync
 from lightning_sam.tensor_ops import widen
 
 
+def takes_batch_idx(pl_module: LightningModule) -> bool:
+    """Whether ``training_step`` takes ``batch_idx`` (inspected once per function: signatures are slow)."""
+    step = pl_module.training_step
+    key = getattr(step, "__func__", step)
+    cached = _TAKES_BATCH_IDX.get(key)
+    if cached is None:
+        cached = _TAKES_BATCH_IDX[key] = is_param_in_hook_signature(step, "batch_idx", min_args=2)
+    return cached
+
+
+_TAKES_BATCH_IDX: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 def training_step_of(pl_module: LightningModule, batch: Any, batch_idx: int) -> Any:
     """``training_step`` on the module itself (not through the strategy), with ``batch_idx`` if it takes one."""
-    if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
-        return pl_module.training_step(batch, batch_idx)
-    return pl_module.training_step(batch)
+    return pl_module.training_step(batch, batch_idx) if takes_batch_idx(pl_module) else pl_module.training_step(batch)
 
 
 class PassLosses:
@@ -65,7 +77,7 @@ class StrategyReplay:
     ) -> None:
         self.trainer, self.pl_module, self.optimizer, self.window = trainer, pl_module, optimizer, window
         self.guard, self.passes = guard, passes
-        self.with_index = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+        self.with_index = takes_batch_idx(pl_module)
 
     def second_pass(self, sync: bool) -> Tensor:
         """Pass 2 on every micro-batch of the window, without side effects; with ``sync``, DDP all-reduces on the
