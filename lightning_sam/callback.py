@@ -25,15 +25,14 @@ from torch.optim import Optimizer
 from lightning_sam.batches import batch_size_of, slice_batch
 from lightning_sam.engine import SAMEngine
 from lightning_sam.glue import (
-    StepMetrics,
     build_driver,
     check_trainer,
     collect_samples,
     engine_checkpoint_state,
     engine_state_for_this_rank,
     loss_from_output,
-    should_log,
 )
+from lightning_sam.metrics import StepMetrics, should_log
 from lightning_sam.replays import PassLosses, StrategyReplay, training_step_of
 from lightning_sam.settings import SAMSettings
 from lightning_sam.side_effects import SecondPassGuard
@@ -65,7 +64,6 @@ class SAMCallback(SAMSettings, Callback):
     _guard: SecondPassGuard | None = None
     _window_open = False  # a micro-batch of the coming optimizer step has started
     _current: tuple[Any, int] | None = None  # the micro-batch running now
-    _samples_warned = False
     _passes = PassLosses()  # replaced per step; a class default so that in_second_pass works before fit
 
     # ------------------------------------------------------------------ identity and state
@@ -140,11 +138,10 @@ class SAMCallback(SAMSettings, Callback):
                     raise RuntimeError("training_step returned None on a slice of the batch during SSAM's Fisher pass")
                 return loss
 
-            first, self._samples_warned = not self._samples_warned and self.engine.step_count == 0, True
             self._passes.in_second_pass = True
             try:
                 size = batch_size_of(batch)
-                collect_samples(self.driver, pl_module, self._guard, loss_of_slice, size, "SAMCallback", first=first)
+                collect_samples(self.driver, pl_module, self._guard, loss_of_slice, size, "SAMCallback")
             finally:
                 self._passes.in_second_pass = False
         if not self._window_open:  # the first micro-batch of an optimizer step

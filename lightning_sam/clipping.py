@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_sam import validation as check
 from lightning_sam.tensor_ops import accumulation_dtype, global_norm
 
 CLIP_ALGORITHMS = ("norm", "value")
@@ -18,10 +19,9 @@ CLIP_ALGORITHMS = ("norm", "value")
 
 def validate_clipping(value: float | None, algorithm: str) -> None:
     """Raise for a negative/non-finite clip value or an unknown algorithm."""
-    if algorithm not in CLIP_ALGORITHMS:
-        raise ValueError(f"gradient_clip_algorithm must be one of {CLIP_ALGORITHMS}, got {algorithm!r}")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ValueError(f"gradient_clip_val must be a number > 0 or None, got {value!r}")
+    check.choice("", "gradient_clip_algorithm", algorithm, CLIP_ALGORITHMS)
+    if value is not None:
+        check.real("", "gradient_clip_val", value, "> 0", " (or None)")
 
 
 @torch.no_grad()

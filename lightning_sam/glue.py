@@ -25,9 +25,8 @@ from lightning_sam.engine import SAMEngine
 from lightning_sam.precision import GradScaling, NoScaling, Precision
 from lightning_sam.settings import SAMSettings
 from lightning_sam.side_effects import SecondPassGuard
-from lightning_sam.step import StepOutcome, TwoPassStep
+from lightning_sam.step import TwoPassStep
 from lightning_sam.strategies import check_static_graph, check_strategy
-from lightning_sam.tensor_ops import widen
 from lightning_sam.variants import RunLength, Variant, variant_info
 
 
@@ -128,19 +127,19 @@ def collect_samples(
     loss_of_slice: Callable[[int, int], Tensor] | None,
     batch_size: int | None,
     adapter: str,
-    *,
-    first: bool,
 ) -> None:
     """Per-sample gradients for the variant (SSAM's Fisher) with no visible side effect: BatchNorm on its running
-    statistics, logs/metrics/buffers restored. At the ``first`` collection of a run, warn when it will take the whole
-    first epoch."""
+    statistics, logs/metrics/buffers restored. At the first collection of a run, warn when it will take the whole
+    first epoch. Nothing to do when the variant wants no samples this step."""
+    if not driver.engine.samples_needed():
+        return
     if loss_of_slice is None or batch_size is None:
         raise RuntimeError(
             f"variant {driver.engine.variant.name!r} needs per-sample gradients this step (SSAM's Fisher mask): call "
             "self.sam_step(loss_fn, sample_loss_fn=lambda i, j: <loss of samples i:j>, batch_size=<samples in the "
             "batch>), or use SSAM with mask='dst'."
         )
-    if first:
+    if driver.collections == 0 and driver.engine.step_count == 0:
         engine = driver.engine
         warn_if_samples_outlast_epoch(module.trainer, engine.variant.name, engine.samples_needed(), batch_size, adapter)
     with guard.active(), batchnorm_in_eval(module):
@@ -205,58 +204,3 @@ def loss_from_output(output: Any) -> Tensor | None:
             raise RuntimeError("training_step returned a dict without a 'loss' key; SAM needs the loss to re-run it")
         return output["loss"]
     raise RuntimeError(f"training_step returned a {type(output).__name__}; expected a Tensor, a dict or None")
-
-
-# ---------------------------------------------------------------------------------------------- logging
-def should_log(trainer: Trainer) -> bool:
-    """Whether this step is on Lightning's logging cadence (``log_every_n_steps``)."""
-    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
-
-
-class StepMetrics:
-    """SAM's metrics of a fit, on Lightning's logging cadence and without a host sync.
-
-    On the steps that log (``Trainer(log_every_n_steps=...)``): ``sam/sharpness_step`` (pass-2 loss minus pass-1
-    loss), ``sam/perturbation_norm_step`` (``||e||``, measured on those steps only: it costs a pass over ``e``) and the
-    variant's metrics (``<name>_step``). At the end of each epoch, on a single process: ``<name>_epoch``, the mean of
-    the values recorded in the epoch (``sam/sharpness``: every SAM step whose update was not skipped; the others:
-    the logging steps). Under DDP the values are rank-local and logged per step only (an epoch mean would need a
-    reduction); loggers record rank 0's.
-    """
-
-    def __init__(self) -> None:
-        self._sums: dict[str, Tensor] = {}
-        self._counts: dict[str, int] = {}
-
-    def record(
-        self,
-        pl_module: LightningModule,
-        engine: SAMEngine,
-        precision: Precision,
-        outcome: StepOutcome,
-        first_loss: Tensor | None,
-        logging: bool,
-    ) -> None:
-        """One step's values (``logging``: this step logs, see :func:`should_log`)."""
-        values: dict[str, Tensor] = {}
-        second_loss = outcome.second_loss
-        if outcome.second_pass and not outcome.skipped and first_loss is not None and second_loss is not None:
-            values["sam/sharpness"] = precision.logged_loss(widen(second_loss) - widen(first_loss))
-            if logging and outcome.perturbation_norm is not None:
-                values["sam/perturbation_norm"] = outcome.perturbation_norm
-        if logging:
-            values.update(engine.variant.metrics())
-        for name, value in values.items():
-            value = value.detach()
-            self._sums[name] = value if name not in self._sums else self._sums[name] + value.to(self._sums[name])
-            self._counts[name] = self._counts.get(name, 0) + 1
-            if logging:
-                pl_module.log(f"{name}_step", value, on_step=True, on_epoch=False)
-
-    def epoch_end(self, pl_module: LightningModule) -> None:
-        """Log the epoch means (single process) and start a new epoch."""
-        if world_size() == 1:
-            for name, total in self._sums.items():
-                pl_module.log(f"{name}_epoch", total / self._counts[name], on_step=False, on_epoch=True)
-        self._sums.clear()
-        self._counts.clear()

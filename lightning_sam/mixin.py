@@ -14,8 +14,7 @@ Usage::
             return loss
 
 ``sam_step(loss_fn)`` runs the step driver (:mod:`lightning_sam.step`) with ``loss_fn()`` + ``manual_backward`` as
-its passes, so Lightning's precision (autocast, GradScaler) and strategy (DDP) still apply. Pass 2 runs without
-visible side effects (logs, torchmetrics, BatchNorm statistics), like the callback's.
+its passes: Lightning's precision and strategy still apply, and pass 2 has no visible side effects.
 """
 
 from __future__ import annotations
@@ -27,14 +26,8 @@ from torch import Tensor
 
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.engine import SAMEngine
-from lightning_sam.glue import (
-    StepMetrics,
-    build_driver,
-    check_trainer,
-    collect_samples,
-    engine_checkpoint_state,
-    should_log,
-)
+from lightning_sam.glue import build_driver, check_trainer, collect_samples, engine_checkpoint_state
+from lightning_sam.metrics import StepMetrics, should_log
 from lightning_sam.precision import gradients_of
 from lightning_sam.replays import ManualReplay
 from lightning_sam.settings import SAMSettings
@@ -88,14 +81,13 @@ class SAMMixin:
         """The step driver of ``optimizer`` (one per optimizer, keyed by its index in ``trainer.optimizers``)."""
         if getattr(self, "automatic_optimization", True):
             raise RuntimeError(
-                "sam_step needs manual optimization: set self.automatic_optimization = False in __init__ "
-                "(or use lightning_sam.SAMCallback with automatic optimization)."
+                "sam_step needs manual optimization: set self.automatic_optimization = False in __init__ (or use "
+                "lightning_sam.SAMCallback with automatic optimization)."
             )
         if "_sam_settings" not in self.__dict__:
             self.configure_sam()
         settings = self._sam_settings
-        raw = getattr(optimizer, "optimizer", optimizer)
-        trainer = self.trainer  # type: ignore[attr-defined]
+        raw, trainer = getattr(optimizer, "optimizer", optimizer), self.trainer  # type: ignore[attr-defined]
         index = next((i for i, o in enumerate(trainer.optimizers) if o is raw), None)
         if index is None:
             raise RuntimeError("sam_step: the optimizer is not one of the trainer's optimizers")
@@ -103,11 +95,12 @@ class SAMMixin:
             check_trainer(trainer, settings.sync_ascent)
             state = (self.__dict__.get("_sam_pending_state") or {}).pop(index, None)
             driver = build_driver(trainer, self, raw, settings, "SAMMixin", automatic=False, state=state)  # type: ignore[arg-type]
-            self._sam_drivers[index] = driver
+            self._sam_drivers[index], self._sam_guard = driver, SecondPassGuard(self)  # type: ignore[arg-type]
+            self._sam_metrics = self.__dict__.get("_sam_metrics") or StepMetrics()
         return self._sam_drivers[index]
 
     def on_train_epoch_end(self) -> None:
-        if "_sam_metrics" in self.__dict__:
+        if "_sam_metrics" in self.__dict__:  # SAM's epoch means (see lightning_sam.metrics.StepMetrics)
             self._sam_metrics.epoch_end(self)  # type: ignore[arg-type]
         super().on_train_epoch_end()  # type: ignore[misc]
 
@@ -134,26 +127,20 @@ class SAMMixin:
     ) -> Tensor:
         """One whole SAM step: pass 1, ascent, pass 2, restore, clipping, ``optimizer.step()``, ``zero_grad()``.
 
-        ``loss_fn()`` computes the module's loss on the current batch (forward only; called twice). ``optimizer``
-        defaults to ``self.optimizers()``; with several, pass the one to step (each has its own engine and state).
-        Variants that need per-sample gradients (SSAM's Fisher mask) also need ``sample_loss_fn(i, j)``, the loss of
-        samples ``i:j`` of the batch (run with BatchNorm on running statistics, no side effects), and ``batch_size``.
-        Returns the pass-1 loss, detached.
-        """
+        ``loss_fn()``: the module's loss on the current batch (forward only; called twice). ``optimizer``: by default
+        ``self.optimizers()``; with several, the one to step (each has its own engine). For per-sample gradients
+        (SSAM's Fisher mask): ``sample_loss_fn(i, j)``, the loss of samples ``i:j``, and ``batch_size``. Returns the
+        pass-1 loss, detached."""
         if optimizer is None:
             optimizer = self.optimizers()  # type: ignore[attr-defined]
             if isinstance(optimizer, list):
                 raise RuntimeError("sam_step: the module has several optimizers; pass optimizer=... explicitly")
         driver, raw = self._sam_driver_for(optimizer), getattr(optimizer, "optimizer", optimizer)
-        guard = self.__dict__.setdefault("_sam_guard", SecondPassGuard(self))  # type: ignore[arg-type]
-        if driver.engine.samples_needed():
-            first = driver.engine.step_count == 0 and not self.__dict__.get("_sam_samples_warned")
-            self._sam_samples_warned = True
-            collect_samples(driver, self, guard, sample_loss_fn, batch_size, "SAMMixin", first=first)  # type: ignore[arg-type]
+        collect_samples(driver, self, self._sam_guard, sample_loss_fn, batch_size, "SAMMixin")  # type: ignore[arg-type]
         logging = should_log(self.trainer)  # type: ignore[attr-defined]
-        loss, outcome = driver.run(raw, ManualReplay(self, loss_fn, guard), measure=logging)  # type: ignore[arg-type]
-        metrics = self.__dict__.setdefault("_sam_metrics", StepMetrics())
-        metrics.record(self, driver.engine, driver.precision, outcome, loss, logging)  # type: ignore[arg-type]
+        replay = ManualReplay(self, loss_fn, self._sam_guard)  # type: ignore[arg-type]
+        loss, outcome = driver.run(raw, replay, measure=logging)
+        self._sam_metrics.record(self, driver.engine, driver.precision, outcome, loss, logging)  # type: ignore[arg-type]
         clip_value, clip_algorithm = self._sam_clip
         if clip_value is not None:  # under GradScaler the gradients are still scaled here (Lightning unscales in step)
             clip_gradients_(gradients_of(raw), clip_value, clip_algorithm, scale=driver.precision.gradient_scale())

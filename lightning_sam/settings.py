@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_sam import validation as check
+from lightning_sam.params import check_filter
 from lightning_sam.variants import Variant, resolve_variant
 
 
@@ -51,8 +52,7 @@ class SAMSettings:
         super().__init__()
         self.spec: Variant = resolve_variant(variant, rho, **variant_options)
         self.interval = check.integer("", "interval", interval, 1, " (1 = SAM on every step)")
-        if params is not None and params != "norm" and not callable(params):
-            raise ValueError(f"params must be None, 'norm' or a callable (name, parameter) -> bool, got {params!r}")
+        check_filter(params)
         self.params = params
         self.sync_ascent = check.flag("", "sync_ascent", sync_ascent)
         self.skip_nonfinite = check.flag("", "skip_nonfinite", skip_nonfinite)

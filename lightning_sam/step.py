@@ -74,6 +74,7 @@ class TwoPassStep:
         self.precision: Precision = precision or NoScaling()
         self.sync_ascent = sync_ascent
         self.planned = True
+        self.collections = 0  # calls of collect_samples that gathered samples
 
     def plan(self) -> bool:
         """Decide, before pass 1, whether this step runs pass 2; returns whether pass 1 must all-reduce (a step
@@ -85,6 +86,7 @@ class TwoPassStep:
         """Per-sample gradients of the batch for variants that want them this step (SSAM's Fisher); before pass 1."""
         if not self.engine.samples_needed():
             return 0
+        self.collections += 1
         return self.engine.collect_samples(loss_of_slice, batch_size)
 
     def run(
