@@ -51,8 +51,9 @@ class SAMCallback(SAMSettings, Callback):
         trainer = Trainer(callbacks=[SAMCallback(variant="asam", rho=0.5)])
         trainer = Trainer(callbacks=[SAMCallback(variant=SSAM(sparsity=0.7))])
 
-    Logged each step through Lightning: ``sam/sharpness`` (pass-2 loss minus pass-1 loss) and
-    ``sam/perturbation_norm`` (``||e||``). A ``training_step`` returning None skips SAM for that step.
+    Logged through Lightning on its logging cadence (``log_every_n_steps``), with epoch means: ``sam/sharpness``
+    (pass-2 loss minus pass-1 loss) and ``sam/perturbation_norm`` (``||e||``); see
+    :class:`lightning_sam.metrics.StepMetrics`. A ``training_step`` returning None skips SAM for that step.
     ``on_before_backward`` / ``on_after_backward`` fire in both passes; :func:`lightning_sam.in_second_pass`
     tells them (and ``training_step``) which one is running.
     """

@@ -1,10 +1,10 @@
 """Lightning glue shared by the two adapters (``SAMCallback`` and ``SAMMixin``): the trainer checks, the variant
-configured for this run (its run-length defaults), the engine and precision objects of a fit, checkpoint state with
-the per-rank gather, and metric logging on Lightning's cadence.
+configured for this run (its run-length defaults), the step driver of a fit (engine and precision), checkpoint state
+with the per-rank gather, and the per-sample passes.
 
 Nothing here runs SAM's step (that is :mod:`lightning_sam.step`); it translates what the Trainer knows into what the
-engine and the variants need. Lightning's private attributes are touched here only (``trainer._logger_connector``)
-and in :mod:`lightning_sam.strategies` (``strategy._ddp_kwargs``).
+engine and the variants need. Lightning's private attributes are touched only in :mod:`lightning_sam.metrics`
+(``trainer._logger_connector``) and :mod:`lightning_sam.strategies` (``strategy._ddp_kwargs``).
 """
 
 from __future__ import annotations

@@ -55,8 +55,6 @@ class NoScaling:
     local while the gradients are shared, so that every rank decides alike).
     """
 
-    scaled = False
-
     def __init__(self, *, skip_nonfinite: bool = True, adapter: str = "SAMEngine", warn: Warn | None = None) -> None:
         self.skip_nonfinite = skip_nonfinite
         self.adapter = adapter
@@ -112,8 +110,6 @@ class GradScaling(NoScaling):
         across_ranks: the pass-1 overflow flag is MAX-reduced over ranks (a local pass 1 under DDP): every rank
             skips pass 2 together, or pass 2's all-reduce would deadlock.
     """
-
-    scaled = True
 
     def __init__(
         self, scaler: torch.amp.GradScaler, optimizer: Optimizer, *, unscaled_by_caller: bool, across_ranks: bool

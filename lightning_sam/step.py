@@ -115,7 +115,7 @@ class TwoPassStep:
             for index in range(passes):
                 if index:  # multi-step variants ascend again from the previous pass's (local) gradient
                     precision.unscale_between_ascents(optimizer)
-                    engine.ascend()
+                    engine.ascend(measure=False)  # ||e|| is the first ascent's
                 if optimizer is not None:
                     torch._foreach_zero_(gradients_of(optimizer))
                 loss = replay.second_pass(index == passes - 1)
