@@ -120,11 +120,12 @@ class XSAM(Variant, name="xsam", default_rho=0.15):
         # v0 in place in the weights: w <- w - w0 (the displacement), summed over ranks (local ascents differ)
         torch._foreach_sub_(params, saved)
         self.sum_tensors_over_ranks_(params)  # local ascents differ per rank; v0 enters the descent
-        displacement_norm = global_norm(params) + EPS
+        raw_norm = global_norm(params)
+        displacement_norm = raw_norm + EPS
         torch._foreach_div_(params, displacement_norm)  # v0
         grad_norm = global_norm(grads)
         torch._foreach_div_(grads, grad_norm + EPS)  # v1
-        cosine = sum_products(params, grads)
+        cosine = inner_product_(params, grads, raw_norm / displacement_norm, grad_norm / (grad_norm + EPS))
         theta = torch.arccos(torch.clamp(cosine, -1.0, 1.0))
         if search:
             self._search(step, theta)
@@ -190,9 +191,11 @@ def _weights_of(alpha: float, theta: float) -> tuple[float, float]:
     return math.sin((1 - alpha) * theta) / sin_theta, math.sin(alpha * theta) / sin_theta
 
 
-def sum_products(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """``<a, b>`` over two tensor lists (0-dim), accumulated in at least fp32: each pair in
-    ``promote_types(dtype, float32)`` (no copy for fp32 / fp64 tensors), the sum in fp64 when any part is fp64."""
-    parts = [torch.dot(widen(x.reshape(-1)), widen(y.reshape(-1))) for x, y in zip(a, b)]
-    device = parts[0].device
-    return torch.stack([p.to(device) for p in parts]).sum()
+def inner_product_(a: list[Tensor], b: list[Tensor], norm_a: Tensor, norm_b: Tensor) -> Tensor:
+    """``<a, b>`` from the norms, with foreach passes only (no Python loop over tensors, nothing allocated):
+    ``(||a||^2 + ||b||^2 - ||a - b||^2) / 2``. ``a`` is turned into ``a - b`` and back into ``a`` (up to one rounding
+    per element); the norm is accumulated in at least fp32 (:func:`~lightning_sam.tensor_ops.global_norm`)."""
+    torch._foreach_sub_(a, b)
+    chord = global_norm(a)
+    torch._foreach_add_(a, b)
+    return (norm_a * norm_a + norm_b * norm_b - chord * chord) / 2
