@@ -238,8 +238,8 @@ class SAMEngine:
 
         ``loss_of_slice(i, j)`` must return the training loss of samples ``i:j`` of the current batch, without
         side effects. Gradients come from ``torch.autograd.grad`` in micro-batches of the variant's
-        ``fisher_batch_size``: ``p.grad`` is neither read nor changed. Call it before :meth:`ascend`; returns the
-        number of samples used (at most :meth:`samples_needed`).
+        ``sample_batch_size`` (SSAM's ``fisher_batch_size``): ``p.grad`` is neither read nor changed. Call it before
+        :meth:`ascend`; returns the number of samples used (at most :meth:`samples_needed`).
         """
         wanted = min(self.samples_needed(), batch_size)
         if wanted <= 0:

@@ -85,7 +85,7 @@ class StepTensors:
     ``step`` is the engine's optimizer-step counter. In :meth:`Variant.descent_`, ``evaluate()`` (when the adapter
     can provide it) returns the loss on the current batch at the current weights, without side effects;
     ``evaluate_clobbers_grads`` says whether it overwrites the gradients (a closure that runs backward). A variant
-    with ``dense_save = False`` gets ``saved = []`` and keeps its own (sparse) copy in :meth:`Variant.save_` /
+    registered with ``sparse=True`` gets ``saved = []`` and keeps its own (sparse) copy in :meth:`Variant.save_` /
     :meth:`Variant.restore_`.
     """
 

@@ -67,7 +67,7 @@ class FSAM(Variant, name="fsam"):
             raise RuntimeError("fsam is a single-step rule: the EMA takes one pass-1 gradient per step")
         names, params, grads, saved = step.names, step.params, step.grads, step.saved
         if len(saved) != len(params):
-            raise RuntimeError("fsam needs the engine's saved copy of every weight (dense_save)")
+            raise RuntimeError("fsam needs the engine's saved copy of every weight (registered without sparse=True)")
         with torch.no_grad():
             if step.names is not self._cache_names:
                 self._rebuild_cache(names, grads)
