@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -50,6 +51,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # the shared clocks, timers, statistics and tables of bench/
+import workloads as wl  # the shared Trainer factory of bench/
 
 from lightning_sam import SAMCallback, SAMEngine
 
@@ -98,31 +103,16 @@ def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     return F.cross_entropy(model(input_ids=tokens).logits, labels)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self._start = (0.0, 0.0)
-
-    def start(self) -> None:
-        self._start = (time.perf_counter(), time.process_time())
-
-    def stop(self) -> None:
-        self.wall.append(time.perf_counter() - self._start[0])
-        self.cpu.append(time.process_time() - self._start[1])
-
-
-def run_engine(row: str, base: nn.Module, data: list, warmup: int) -> Clock:
+def run_engine(row: str, base: nn.Module, data: list, warmup: int) -> timing.StepTimes:
     model = copy.deepcopy(base)
     optimizer = make_optimizer(model)
     engine = None
     if row != "engine_plain":
         options = {"total_steps": len(data)} if row == "engine_bar" else {}
         engine = SAMEngine.from_optimizer(optimizer, model, row.removeprefix("engine_"), **options)
-    clock = Clock()
+    times = timing.StepTimes()
     for i, batch in enumerate(data):
-        if i >= warmup:
-            clock.start()
+        start = timing.clocks()
         if row == "engine_sam":
 
             def closure(batch=batch) -> torch.Tensor:
@@ -140,8 +130,8 @@ def run_engine(row: str, base: nn.Module, data: list, warmup: int) -> Clock:
                 engine.before_optimizer_step(optimizer)
             optimizer.step()
         if i >= warmup:
-            clock.stop()
-    return clock
+            times.add(start, timing.clocks())
+    return times
 
 
 class Module(L.LightningModule):
@@ -156,40 +146,16 @@ class Module(L.LightningModule):
         return make_optimizer(self)
 
 
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.clock = Clock()
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
-        if i >= self.warmup:
-            self.clock.start()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any, i: int
-    ) -> None:
-        if i >= self.warmup:
-            self.clock.stop()
-
-
-def run_lightning(row: str, base: nn.Module, data: list, warmup: int) -> Clock:
-    timer = StepTimer(warmup)
+def run_lightning(row: str, base: nn.Module, data: list, warmup: int) -> timing.StepTimes:
+    timer = timing.LightningTimer()
     callbacks: list[L.Callback] = [timer]
     if row != "lightning_plain":
         callbacks.append(SAMCallback(row.removeprefix("lightning_")))
     tokens, labels = (torch.cat(t) for t in zip(*data))
     loader = DataLoader(TensorDataset(tokens, labels), batch_size=len(data[0][1]), shuffle=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = wl.make_trainer(torch.device("cpu"), -1, callbacks)  # one epoch
     trainer.fit(Module(copy.deepcopy(base)), loader)
-    return timer.clock
+    return timer.step_times(warmup, cycles=False)  # on_train_batch_start to on_train_batch_end
 
 
 def hook_microseconds(base: nn.Module, data: list, calls: int = 200) -> tuple[float, float, int]:
@@ -211,31 +177,31 @@ def hook_microseconds(base: nn.Module, data: list, calls: int = 200) -> tuple[fl
     return hook, metrics, len(engine.variant.found_pairs)
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def summarize(runs: list[timing.StepTimes], clock: str) -> dict[str, float]:
+    """The median of the runs' median steps and their min..max, in ms."""
+    s = timing.spread(statistics.median(r.get(clock)) for r in runs)
+    return {"median": s["ms"], "min": s["min"], "max": s["max"]}
 
 
 def bench(size: str, args: argparse.Namespace) -> dict[str, Any]:
     base = lora_model(size)
     data = batches(size, args.warmup + args.steps)
-    runners: dict[str, Callable[[str, nn.Module, list, int], Clock]] = {
+    runners: dict[str, Callable[[str, nn.Module, list, int], timing.StepTimes]] = {
         row: run_engine if row.startswith("engine") else run_lightning for row in args.rows
     }
-    for row in args.rows:  # priming pass: first-call costs land nowhere
-        runners[row](row, base, data[: args.warmup + 2], args.warmup)
-    medians: dict[str, dict[str, list[float]]] = {row: {"wall": [], "cpu": []} for row in args.rows}
-    for _ in range(args.repeats):
-        for row in args.rows:
-            clock = runners[row](row, base, data, args.warmup)
-            medians[row]["wall"].append(statistics.median(clock.wall) * 1000)
-            medians[row]["cpu"].append(statistics.median(clock.cpu) * 1000)
+    runs = timing.interleave(
+        args.rows,
+        lambda row: runners[row](row, base, data, args.warmup),
+        args.repeats,
+        prime=lambda row: runners[row](row, base, data[: args.warmup + 2], args.warmup),  # first-call costs
+    )
     hook, metrics, pairs = hook_microseconds(base, data)
     trained = sum(p.numel() for p in base.parameters() if p.requires_grad)
     return {
         "model": size,
         "pairs": pairs,
         "trained_parameters": trained,
-        "rows": {row: {clock: summarize(v) for clock, v in m.items()} for row, m in medians.items()},
+        "rows": {row: {clock: summarize(r, clock) for clock in timing.CLOCKS} for row, r in runs.items()},
         "hook_us": hook,
         "metrics_us": metrics,
     }
@@ -293,8 +259,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         results.append(bench(size, args))
         report(results[-1])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        timing.write_json(args.json, results, note=None)
     return results
 
 

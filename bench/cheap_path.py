@@ -58,8 +58,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -68,21 +66,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_overhead as so  # the sibling benchmark: models, batches, clocks, Trainer factory
+import timing  # the shared clocks, timers, statistics and tables of bench/
+import workloads as wl  # the shared models, batches, LightningModule and Trainer of bench/
+from timing import StepTimes as Run  # per-step times of one run; ``values``: whether each timed step ran pass 2
 
 from lightning_sam import SAMCallback, SAMEngine
 
 HARNESSES = ("lightning", "engine")
 REFERENCE_METHODS = ("ssam", "fsam", "xsam")
-CLOCKS = ("wall", "cpu")
+CLOCKS = timing.CLOCKS
+MODELS = {name: wl.MODELS[name] for name in ("cnn", "mlp")}
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -111,19 +110,10 @@ def make_methods(k: int) -> dict[str, Method]:
 # ---------------------------------------------------------------------------------------------------- runs
 
 
-@dataclass
-class Run:
-    """Per-step times of one run (seconds) and, per timed step, whether it ran pass 2."""
-
-    wall_s: list[float]
-    cpu_s: list[float]
-    second_pass: list[bool]
-
-
 def engine_loop_step(method: Method, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Callable[[], bool]:
     """One training step of ``method`` in a plain loop; the closure returns whether pass 2 ran."""
     x, y = batch
-    optimizer = so.make_optimizer(model.parameters())
+    optimizer = wl.make_optimizer(model.parameters())
 
     def loss() -> Tensor:
         return F.cross_entropy(model(x), y)
@@ -140,10 +130,10 @@ def engine_loop_step(method: Method, model: nn.Module, batch: tuple[Tensor, Tens
 
     options = dict(method.options)
     if method.variant == "ssam":
-        options.setdefault("mask_every", so.NEVER)  # steady-state steps only: no refresh inside a run
+        options.setdefault("mask_every", wl.NEVER)  # steady-state steps only: no refresh inside a run
     engine = SAMEngine(model.named_parameters(), method.variant, interval=method.interval, **options)
     if engine.samples_needed():  # SSAM: the mask exists before the first (warm-up) step
-        so.build_fisher_mask(engine, model, batch)
+        wl.build_fisher_mask(engine, model, batch)
 
     def step() -> bool:
         optimizer.zero_grad()
@@ -163,74 +153,39 @@ def engine_loop_step(method: Method, model: nn.Module, batch: tuple[Tensor, Tens
 
 
 def run_engine(
-    method: Method, spec: so.ModelSpec, device: torch.device, warmup: int, steps: int, batch: tuple[Tensor, Tensor]
+    method: Method, spec: wl.ModelSpec, device: torch.device, warmup: int, steps: int, batch: tuple[Tensor, Tensor]
 ) -> Run:
-    model = so.make_model(spec, device).train()
-    step = engine_loop_step(method, model, batch)
-    sync = so.synchronizer(device)
-    for _ in range(warmup):
-        step()
-    sync()
-    wall, cpu, second = [], [], []
-    for _ in range(steps):
-        w0, c0 = so.clocks()
-        two = step()
-        sync()
-        w1, c1 = so.clocks()
-        wall.append(w1 - w0)
-        cpu.append(c1 - c0)
-        second.append(two)
-    return Run(wall, cpu, second)
-
-
-class CycleTimer(Callback):
-    """Timestamps of on_train_batch_start / on_train_batch_end (first in the callback list), and whether the SAM
-    callback's engine plans pass 2 for the step (asked before the SAM callback's own batch-start hook)."""
-
-    def __init__(self, sync: Callable[[], None], sam: SAMCallback | None) -> None:
-        self.sync, self.sam = sync, sam
-        self.starts: list[tuple[float, float]] = []
-        self.ends: list[tuple[float, float]] = []
-        self.second_pass: list[bool] = []
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        engine = self.sam.engine if self.sam is not None else None
-        self.second_pass.append(bool(engine is not None and engine.needs_second_pass()))
-        self.sync()
-        self.starts.append(so.clocks())
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, b: Any, i: int) -> None:
-        self.sync()
-        self.ends.append(so.clocks())
+    return timing.time_loop(engine_loop_step(method, wl.make_model(spec, device).train(), batch), warmup, steps, device)
 
 
 def run_lightning(
-    method: Method, spec: so.ModelSpec, device: torch.device, warmup: int, steps: int, batch: tuple[Tensor, Tensor]
+    method: Method, spec: wl.ModelSpec, device: torch.device, warmup: int, steps: int, batch: tuple[Tensor, Tensor]
 ) -> Run:
+    """Timed by a callback first in the list, which also asks the SAM callback's engine, before the SAM callback's
+    own batch-start hook, whether it plans pass 2 for the step."""
     total = warmup + steps
-    module = so.BenchModule(so.make_model(spec, device))
+    module = wl.BenchModule(wl.make_model(spec, device))
     sam = None
     if method.variant is not None:
         sam = SAMCallback(variant=method.variant, interval=method.interval, **dict(method.options))
-    timer = CycleTimer(so.synchronizer(device), sam)
-    trainer = so.make_trainer(device, total, [timer] + ([sam] if sam is not None else []))
-    loader = DataLoader(so.SameBatch(batch, total), batch_size=None)
+
+    def plans_second_pass() -> bool:
+        engine = sam.engine if sam is not None else None
+        return bool(engine is not None and engine.needs_second_pass())
+
+    timer = timing.LightningTimer(timing.synchronizer(device), probe=plans_second_pass)
+    trainer = wl.make_trainer(device, total, [timer] + ([sam] if sam is not None else []))
+    loader = DataLoader(wl.SameBatch(batch, total), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     if len(timer.ends) != total:
         raise RuntimeError(f"{method.name}: expected {total} steps, timed {len(timer.ends)}")
-    timed = range(warmup, total)
-    s, e = timer.starts, timer.ends
-    return Run(
-        wall_s=[e[i][0] - s[i][0] for i in timed],
-        cpu_s=[e[i][1] - s[i][1] for i in timed],
-        second_pass=[timer.second_pass[i] for i in timed],
-    )
+    return timer.step_times(warmup, total, cycles=False)  # on_train_batch_start to on_train_batch_end
 
 
 def run_row(
     harness: str,
     method: Method,
-    spec: so.ModelSpec,
+    spec: wl.ModelSpec,
     device: torch.device,
     warmup: int,
     steps: int,
@@ -243,26 +198,17 @@ def run_row(
 def check_schedule(row: str, method: Method, run: Run, k: int) -> None:
     """The timed steps with pass 2 must be the first of each cycle (cycled rows) or every step (the others)."""
     if method.variant is None:
-        expected = [False] * len(run.second_pass)
+        expected = [False] * len(run.values)
     elif method.cycled:
-        expected = [i % k == 0 for i in range(len(run.second_pass))]
+        expected = [i % k == 0 for i in range(len(run.values))]
     else:
-        expected = [True] * len(run.second_pass)
-    if run.second_pass != expected:
-        pattern = "".join("S" if s else "." for s in run.second_pass)
+        expected = [True] * len(run.values)
+    if run.values != expected:
+        pattern = "".join("S" if s else "." for s in run.values)
         raise RuntimeError(f"{row}: unexpected pass-2 schedule in the timed steps: {pattern}")
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
-
-
-def cycle_means(times: list[float], k: int) -> list[float]:
-    return [statistics.fmean(times[i : i + k]) for i in range(0, len(times) - k + 1, k)]
-
-
-def _spread(values: list[float]) -> dict[str, Any]:
-    ms = [v * 1e3 for v in values]
-    return {"ms": statistics.median(ms), "min": min(ms), "max": max(ms), "runs": ms}
 
 
 def summarize(runs: list[Run], method: Method, k: int) -> dict[str, Any]:
@@ -270,11 +216,11 @@ def summarize(runs: list[Run], method: Method, k: int) -> dict[str, Any]:
     step and the median cheap step."""
     out: dict[str, Any] = {}
     for clock in CLOCKS:
-        per_run = [getattr(r, f"{clock}_s") for r in runs]
-        out[clock] = _spread([statistics.median(cycle_means(t, k)) for t in per_run])
+        per_run = [r.get(clock) for r in runs]
+        out[clock] = timing.spread([statistics.median(timing.cycle_means(t, k)) for t in per_run])
         if method.cycled:
-            out[f"{clock}_sam_step"] = _spread([statistics.median(t[0::k]) for t in per_run])
-            out[f"{clock}_cheap_step"] = _spread(
+            out[f"{clock}_sam_step"] = timing.spread([statistics.median(t[0::k]) for t in per_run])
+            out[f"{clock}_cheap_step"] = timing.spread(
                 [statistics.median([v for i, v in enumerate(t) if i % k]) for t in per_run]
             )
     return out
@@ -299,18 +245,15 @@ def ratios(summary: dict[str, dict[str, Any]], methods: dict[str, Method], k: in
     return out
 
 
-def fmt(stats: dict[str, Any]) -> str:
-    return f"{stats['ms']:.2f} ({stats['min']:.2f}..{stats['max']:.2f})"
-
-
 def print_report(results: dict[str, Any], methods: dict[str, Method], harnesses: list[str], k: int) -> None:
     models = list(results)
     names = [m for m in methods if m in results[models[0]]["rows"][harnesses[0]]]
+    fmt = timing.fmt_spread
     for harness in harnesses:
         print(f"\n### {harness}: ms per step, averaged over whole {k}-step cycles, median (min..max) of the runs\n")
         header = ["method"] + [f"{x} {c}" for x in models for c in CLOCKS]
         rows = [[n] + [fmt(results[x]["rows"][harness][n][c]) for x in models for c in CLOCKS] for n in names]
-        print(so.md_table(header, rows))
+        print(timing.md_table(header, rows))
         cycled = [n for n in names if methods[n].cycled]
         if cycled:
             print(f"\n{harness}, cycled rows: the SAM step and the cheap step alone (median step), ms\n")
@@ -320,14 +263,11 @@ def print_report(results: dict[str, Any], methods: dict[str, Method], harnesses:
                 for n in cycled
                 for kind in ("sam", "cheap")
             ]
-            print(so.md_table(header, rows))
+            print(timing.md_table(header, rows))
         ratio_names = list(results[models[0]]["ratios"][harness]["cpu"])
         print(f"\n{harness}: ratios of the cycle-averaged steps (wall / cpu)\n")
-        rows = [
-            [r] + [" / ".join(f"{results[x]['ratios'][harness][c][r]:.2f}" for c in CLOCKS) for x in models]
-            for r in ratio_names
-        ]
-        print(so.md_table(["ratio", *models], rows))
+        rows = timing.ratio_rows(ratio_names, models, lambda x, c, r, h=harness: results[x]["ratios"][h][c][r], CLOCKS)
+        print(timing.md_table(["ratio", *models], rows))
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -336,15 +276,10 @@ def print_report(results: dict[str, Any], methods: dict[str, Method], harnesses:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, default=5, help="the interval of sam_i<k> and LookSAM's k (default 5)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per run, rounded up to a multiple of k")
+    timing.add_common_args(parser, MODELS, warmup=None)  # --steps: rounded up to a multiple of k
     parser.add_argument("--warmup-cycles", type=int, default=2, help="untimed k-step cycles before each run (2)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per row, interleaved (default 5)")
-    parser.add_argument("--models", default="cnn,mlp", help="comma-separated subset of: " + ",".join(so.MODELS))
     parser.add_argument("--methods", default="all", help="comma-separated subset of the rows, or 'all' (default)")
     parser.add_argument("--harnesses", default=",".join(HARNESSES), help="lightning,engine (default: both)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     k = args.k
     if k < 2:
@@ -363,43 +298,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not harnesses or set(harnesses) - set(HARNESSES):
         parser.error(f"--harnesses: a comma-separated subset of {HARNESSES}")
 
-    so.quiet()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("--device cuda: CUDA is not available")
-        torch.backends.cudnn.benchmark = True
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "k": k,
-        "steps": steps,
-        "warmup": warmup,
-        "repeats": args.repeats,
-    }
-    print("env: " + ", ".join(f"{key}={v}" for key, v in env.items()))
-    rows = [(h, m) for h in harnesses for m in methods.values()]
+    timing.quiet()
+    device = timing.setup(args.threads, args.device)
+    env = timing.environment(device, k=k, steps=steps, warmup=warmup, repeats=args.repeats)
+    timing.print_env(env)
+    rows = [(h, m.name) for h in harnesses for m in methods.values()]
     results: dict[str, Any] = {}
     started = time.perf_counter()
-    for spec in (so.MODELS[x] for x in args.models.split(",")):
-        batch = so.make_batch(spec, device)
-        for harness, method in rows:  # prime: first-call costs are not timed
-            run_row(harness, method, spec, device, warmup, k, batch)
-        runs: dict[tuple[str, str], list[Run]] = {(h, m.name): [] for h, m in rows}
-        for repeat in range(args.repeats):
-            parts = []
-            for harness, method in rows:
-                run = run_row(harness, method, spec, device, warmup, steps, batch)
-                check_schedule(f"{spec.name} {harness}/{method.name}", method, run, k)
-                runs[harness, method.name].append(run)
-                avg = statistics.median(cycle_means(run.cpu_s, k)) * 1e3
-                parts.append(f"{harness[0]}/{method.name} {avg:.1f}")
-            print(f"[{spec.name} repeat {repeat + 1}/{args.repeats}] cpu ms/step: " + ", ".join(parts), flush=True)
+    for spec in (MODELS[x] for x in args.models.split(",")):
+        batch = wl.make_batch(spec, device)
+
+        def run(row: tuple[str, str], spec: wl.ModelSpec = spec, batch: Any = batch) -> Run:
+            harness, name = row
+            result = run_row(harness, methods[name], spec, device, warmup, steps, batch)
+            check_schedule(f"{spec.name} {harness}/{name}", methods[name], result, k)
+            return result
+
+        def prime(row: tuple[str, str], spec: wl.ModelSpec = spec, batch: Any = batch) -> Run:
+            return run_row(row[0], methods[row[1]], spec, device, warmup, k, batch)
+
+        def progress(last: dict[tuple[str, str], Run]) -> str:
+            return "cpu ms/step: " + ", ".join(
+                f"{h[0]}/{n} {statistics.median(timing.cycle_means(r.cpu_s, k)) * 1e3:.1f}"
+                for (h, n), r in last.items()
+            )
+
+        runs = timing.interleave(rows, run, args.repeats, prime=prime, label=spec.name, report=progress)
         model_result: dict[str, Any] = {"description": spec.description, "rows": {}, "ratios": {}}
         for harness in harnesses:
             summary = {m.name: summarize(runs[harness, m.name], m, k) for m in methods.values()}
@@ -408,13 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[spec.name] = model_result
     elapsed = time.perf_counter() - started
     print_report(results, methods, harnesses, k)
-    print(f"\ntotal benchmark time {elapsed:.0f} s")
-    out = {"env": env, "elapsed_s": elapsed, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
-    return out
+    return timing.finish(env, elapsed, results, args.json)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -54,11 +52,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_overhead as so  # the sibling benchmark: models, batches, timers, Trainer factory
+import step_overhead as so  # the sibling benchmark: its plain/floor2 steps and its per-method summary
+import timing  # the shared clocks, timers, statistics and tables of bench/
+import workloads as wl  # the shared models, batches, LightningModule and Trainer of bench/
 
 from lightning_sam import SAMCallback, SAMEngine
 
-NEVER = so.NEVER
+NEVER = wl.NEVER
+MODELS = {name: wl.MODELS[name] for name in ("cnn", "mlp")}
 FISHER_SAMPLES = 128
 AMORTIZE_OVER = 100  # SAMEngine's default mask_every, in steps
 MEMORY_CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -101,7 +102,7 @@ def sparsity_name(s: float) -> str:
 def loop_step(method: str, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Callable[[], None]:
     """One training step of ``method`` in a plain loop (engine built, SSAM mask built, before any timing)."""
     x, y = batch
-    optimizer = so.make_optimizer(model.parameters())
+    optimizer = wl.make_optimizer(model.parameters())
 
     def loss() -> Tensor:
         return F.cross_entropy(model(x), y)
@@ -112,7 +113,7 @@ def loop_step(method: str, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Ca
         engine = SAMEngine(model.named_parameters(), "sam")
     else:
         engine = ssam_engine(model, sparsity=float(method.removeprefix("ssam_s")))
-        so.build_fisher_mask(engine, model, batch)
+        wl.build_fisher_mask(engine, model, batch)
 
     def step() -> None:
         optimizer.zero_grad()
@@ -130,23 +131,12 @@ def loop_step(method: str, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Ca
 
 
 def run_loop(
-    method: str, spec: so.ModelSpec, device: torch.device, warmup: int, steps: int, batch: Any
-) -> so.RunResult:
-    model = so.make_model(spec, device).train()
-    step = loop_step(method, model, batch)
-    sync = so.synchronizer(device)
-    for _ in range(warmup):
-        step()
-    sync()
-    wall, cpu = [], []
-    for _ in range(steps):
-        w0, c0 = so.clocks()
-        step()
-        sync()
-        w1, c1 = so.clocks()
-        wall.append(w1 - w0)
-        cpu.append(c1 - c0)
-    return so.RunResult(wall, cpu)
+    method: str, spec: wl.ModelSpec, device: torch.device, warmup: int, steps: int, batch: Any
+) -> timing.StepTimes:
+    result = timing.time_loop(loop_step(method, wl.make_model(spec, device).train(), batch), warmup, steps, device)
+    result.values.clear()
+    result.peak_mb = None  # (not reported here: see (b))
+    return result
 
 
 def lightning_callbacks(method: str) -> list[L.Callback]:
@@ -158,36 +148,34 @@ def lightning_callbacks(method: str) -> list[L.Callback]:
 
 
 def run_lightning(
-    method: str, spec: so.ModelSpec, device: torch.device, warmup: int, steps: int, batch: Any
-) -> so.RunResult:
+    method: str, spec: wl.ModelSpec, device: torch.device, warmup: int, steps: int, batch: Any
+) -> timing.StepTimes:
     """As step_overhead.run_lightning, with SSAM's sparsity in the method name; timed window only."""
     total = warmup + steps
-    module = so.BenchModule(so.make_model(spec, device))
-    timer = so.StepTimer(so.synchronizer(device))
-    trainer = so.make_trainer(device, total, [timer, *lightning_callbacks(method)])
-    trainer.fit(module, train_dataloaders=DataLoader(so.SameBatch(batch, total), batch_size=None))
-    timed = range(warmup, total)
-    s, e = timer.starts, timer.ends
-    return so.RunResult([e[i][0] - s[i][0] for i in timed], [e[i][1] - s[i][1] for i in timed])
+    module = wl.BenchModule(wl.make_model(spec, device))
+    timer = timing.LightningTimer(timing.synchronizer(device))
+    trainer = wl.make_trainer(device, total, [timer, *lightning_callbacks(method)])
+    trainer.fit(module, train_dataloaders=DataLoader(wl.SameBatch(batch, total), batch_size=None))
+    return timer.step_times(warmup, total, cycles=False)
 
 
-def run_method(method: str, spec: so.ModelSpec, device: torch.device, warmup: int, steps: int, batch: Any) -> Any:
+def run_method(method: str, spec: wl.ModelSpec, device: torch.device, warmup: int, steps: int, batch: Any) -> Any:
     runner = run_lightning if method.startswith("lightning_") else run_loop
     return runner(method, spec, device, warmup, steps, batch)
 
 
 def time_methods(
-    methods: list[str], spec: so.ModelSpec, device: torch.device, args: argparse.Namespace
+    methods: list[str], spec: wl.ModelSpec, device: torch.device, args: argparse.Namespace
 ) -> dict[str, Any]:
-    batch = so.make_batch(spec, device)
-    for method in methods:  # prime first-call costs, untimed
-        run_method(method, spec, device, args.warmup, 1, batch)
-    runs: dict[str, list[so.RunResult]] = {m: [] for m in methods}
-    for repeat in range(args.repeats):
-        for method in methods:
-            runs[method].append(run_method(method, spec, device, args.warmup, args.steps, batch))
-        line = ", ".join(f"{m} {statistics.median(runs[m][-1].cpu_s) * 1e3:.2f}" for m in methods)
-        print(f"[{spec.name} repeat {repeat + 1}/{args.repeats}] cpu ms: {line}", flush=True)
+    batch = wl.make_batch(spec, device)
+    runs = timing.interleave(
+        methods,
+        lambda m: run_method(m, spec, device, args.warmup, args.steps, batch),
+        args.repeats,
+        prime=lambda m: run_method(m, spec, device, args.warmup, 1, batch),  # first-call costs, untimed
+        label=spec.name,
+        report=lambda last: timing.median_line(last, ("cpu",), 2),
+    )
     return {m: so.summarize(r) for m, r in runs.items()}
 
 
@@ -213,11 +201,11 @@ def step_ratios(summary: dict[str, Any], clock: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- (b) memory
 
 
-def prepared(spec: so.ModelSpec, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+def prepared(spec: wl.ModelSpec, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     """A model whose gradients and optimizer state already exist (one plain step), with its batch."""
-    model = so.make_model(spec, device).train()
-    optimizer = so.make_optimizer(model.parameters())
-    batch = so.make_batch(spec, device)
+    model = wl.make_model(spec, device).train()
+    optimizer = wl.make_optimizer(model.parameters())
+    batch = wl.make_batch(spec, device)
     x, y = batch
     optimizer.zero_grad(set_to_none=False)
     F.cross_entropy(model(x), y).backward()
@@ -243,7 +231,7 @@ def engine_step(engine: SAMEngine | None, model: nn.Module, optimizer: torch.opt
 
 
 def cuda_peaks(
-    spec: so.ModelSpec, device: torch.device, variant: str | None, options: dict[str, Any]
+    spec: wl.ModelSpec, device: torch.device, variant: str | None, options: dict[str, Any]
 ) -> dict[str, float]:
     """CUDA bytes: persistent extra after setup + one step, peak of a step, peak of the mask build (MiB)."""
     torch.cuda.synchronize(device)
@@ -258,7 +246,7 @@ def cuda_peaks(
     elif variant == "ssam":
         engine = ssam_engine(model, **options)
         if engine.samples_needed():
-            so.build_fisher_mask(engine, model, batch)
+            wl.build_fisher_mask(engine, model, batch)
     torch.cuda.synchronize(device)
     build_peak = torch.cuda.max_memory_allocated(device) - base
     engine_step(engine, model, optimizer, batch)  # allocates SAM's saved copy on its first ascent
@@ -272,7 +260,7 @@ def cuda_peaks(
     return {"persistent_mib": persistent / mib, "step_peak_mib": step_peak / mib, "build_peak_mib": build_peak / mib}
 
 
-def memory_table(spec: so.ModelSpec, device: torch.device) -> dict[str, Any]:
+def memory_table(spec: wl.ModelSpec, device: torch.device) -> dict[str, Any]:
     model, optimizer, batch = prepared(spec, device)
     sam_bytes = param_bytes(model)
     total = sum(p.numel() for p in model.parameters())
@@ -281,7 +269,7 @@ def memory_table(spec: so.ModelSpec, device: torch.device) -> dict[str, Any]:
         model, optimizer, batch = prepared(spec, device)
         engine = ssam_engine(model, **options)
         if engine.samples_needed():
-            so.build_fisher_mask(engine, model, batch)
+            wl.build_fisher_mask(engine, model, batch)
         engine_step(engine, model, optimizer, batch)
         v = engine.variant
         saved, index, scratch = nbytes(v._saved), nbytes(v._device_index), nbytes(v._scratch)
@@ -311,24 +299,12 @@ def memory_table(spec: so.ModelSpec, device: torch.device) -> dict[str, Any]:
 
 def timed_method(obj: Any, attr: str, sync: Callable[[], None], into: list[tuple[float, float]]) -> None:
     """Wrap ``obj.attr`` (an instance's bound method) to append (wall s, CPU s) of each call to ``into``."""
-    original = getattr(obj, attr)
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        sync()
-        w0, c0 = so.clocks()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            sync()
-            w1, c1 = so.clocks()
-            into.append((w1 - w0, c1 - c0))
-
-    setattr(obj, attr, timed)
+    timing.wrap_timed(obj, attr, lambda wall, cpu, args: into.append((wall, cpu)), sync)
 
 
-def fisher_refresh(spec: so.ModelSpec, device: torch.device, batch_size: int, repeats: int) -> dict[str, Any]:
+def fisher_refresh(spec: wl.ModelSpec, device: torch.device, batch_size: int, repeats: int) -> dict[str, Any]:
     """Time of building one Fisher mask from 128 samples (collect + select), and of the selection alone."""
-    sync = so.synchronizer(device)
+    sync = timing.synchronizer(device)
     total: list[tuple[float, float]] = []
     selection: list[tuple[float, float]] = []
     calls = 0
@@ -338,10 +314,10 @@ def fisher_refresh(spec: so.ModelSpec, device: torch.device, batch_size: int, re
         selected: list[tuple[float, float]] = []
         timed_method(engine.variant, "_refresh_from_scores", sync, selected)  # the top-k and the index buffers
         sync()
-        w0, c0 = so.clocks()
-        calls = so.build_fisher_mask(engine, model, batch)
+        w0, c0 = timing.clocks()
+        calls = wl.build_fisher_mask(engine, model, batch)
         sync()
-        w1, c1 = so.clocks()
+        w1, c1 = timing.clocks()
         total.append((w1 - w0, c1 - c0))
         selection.append((sum(w for w, _ in selected), sum(c for _, c in selected)))
     total, selection = total[1:], selection[1:]
@@ -355,13 +331,13 @@ def fisher_refresh(spec: so.ModelSpec, device: torch.device, batch_size: int, re
     }
 
 
-def dst_refresh(spec: so.ModelSpec, device: torch.device, sparsity: float, refreshes: int) -> dict[str, Any]:
+def dst_refresh(spec: wl.ModelSpec, device: torch.device, sparsity: float, refreshes: int) -> dict[str, Any]:
     """Time of one DST refresh (drop, regrow, index buffers), median over ``refreshes`` (after one warm-up)."""
     model, optimizer, batch = prepared(spec, device)
     every = 3
     engine = ssam_engine(model, mask="dst", sparsity=sparsity, total_steps=1000, mask_every=every)
     times: list[tuple[float, float]] = []
-    timed_method(engine.variant, "_refresh_dst", so.synchronizer(device), times)
+    timed_method(engine.variant, "_refresh_dst", timing.synchronizer(device), times)
     while len(times) < refreshes + 1:
         engine_step(engine, model, optimizer, batch)
     times = times[1:]
@@ -382,43 +358,24 @@ def mib(b: float) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each run (default 5)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per method, interleaved (default 5)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--models", default="cnn,mlp", help="comma-separated subset of: " + ",".join(so.MODELS))
+    timing.add_common_args(parser, MODELS)
     parser.add_argument("--sparsities", default="0.5,0.9", help="SSAM sparsities of the timed rows (0.5,0.9)")
     parser.add_argument("--lightning", action="store_true", help="also time the rows through Trainer.fit")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
 
-    so.quiet()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: CUDA is not available")
+    timing.quiet()
+    device = timing.setup(args.threads, args.device, cudnn_benchmark=False)
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     methods = ["plain", "floor2", "sam", *(f"ssam_{sparsity_name(s)}" for s in sparsities)]
     if args.lightning:
         methods += ["lightning_plain", "lightning_sam", *(f"lightning_ssam_{sparsity_name(s)}" for s in sparsities)]
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-    }
-    print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    env = timing.environment(device, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+    timing.print_env(env)
     clocks_shown = ["wall", "cpu"] if device.type == "cpu" else ["wall"]
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for name in args.models.split(","):
-        spec = so.MODELS[name]
+        spec = MODELS[name]
         entry: dict[str, Any] = {"description": spec.description}
         # (b) first: cheap, and independent of the machine's load
         entry["memory"] = memory_table(spec, device)
@@ -448,28 +405,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = entry
     elapsed = time.perf_counter() - started
     print_report(results, methods, clocks_shown, device)
-    print(f"\ntotal benchmark time {elapsed:.0f} s")
-    out = {"env": env, "elapsed_s": elapsed, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
-    return out
+    return timing.finish(env, elapsed, results, args.json)
 
 
 def print_report(results: dict[str, Any], methods: list[str], clocks_shown: list[str], device: torch.device) -> None:
     models = list(results)
     print("\n(a) ms/step: median of the per-run medians (min..max); cpu = process CPU time\n")
     header = ["method"] + [f"{x} {c}" for x in models for c in clocks_shown]
-    rows = [[m] + [so.fmt_ms(results[x]["step_ms"][m][c]) for x in models for c in clocks_shown] for m in methods]
-    print(so.md_table(header, rows))
+    rows = [
+        [m] + [timing.fmt_spread(results[x]["step_ms"][m][c]) for x in models for c in clocks_shown] for m in methods
+    ]
+    print(timing.md_table(header, rows))
     print("\nratios of the median step times (" + " / ".join(clocks_shown) + ")\n")
     names = list(results[models[0]]["step_ratios"][clocks_shown[0]])
     rows = [
         [n] + [" / ".join(f"{results[x]['step_ratios'][c][n]:.2f}" for c in clocks_shown) for x in models]
         for n in names
     ]
-    print(so.md_table(["ratio", *models], rows))
+    print(timing.md_table(["ratio", *models], rows))
 
     for x in models:
         mem = results[x]["memory"]
@@ -491,7 +444,7 @@ def print_report(results: dict[str, Any], methods: list[str], clocks_shown: list
             ]
             for label, r in mem["rows"].items()
         ]
-        print(so.md_table(header, rows))
+        print(timing.md_table(header, rows))
         print(
             f"\nwhile a Fisher refresh spans several steps: + fp32 partial sums {mib(mem['fisher_partial_bytes'])} MiB "
             f"({mem['fisher_partial_bytes'] / mem['sam_bytes']:.2f} x SAM's copy)"
@@ -503,7 +456,7 @@ def print_report(results: dict[str, Any], methods: list[str], clocks_shown: list
                 [k, f"{v['persistent_mib']:.3f}", f"{v['step_peak_mib']:.3f}", f"{v['build_peak_mib']:.3f}"]
                 for k, v in cuda.items()
             ]
-            print(so.md_table(["method", "persistent extra", "step peak", "mask build peak"], rows))
+            print(timing.md_table(["method", "persistent extra", "step peak", "mask build peak"], rows))
 
     clock = "cpu" if device.type == "cpu" else "wall"
     print(f"\n(c) refresh cost ({clock} ms; 'x plain' = multiples of one plain step)\n")
@@ -532,7 +485,7 @@ def print_report(results: dict[str, Any], methods: list[str], clocks_shown: list
                 ]
             )
     header = ["refresh", "ms", "x plain step", "of it: mask selection ms", "amortized over 100 SSAM steps"]
-    print(so.md_table(header, rows))
+    print(timing.md_table(header, rows))
 
 
 if __name__ == "__main__":

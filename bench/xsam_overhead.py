@@ -51,28 +51,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # the shared clocks, timers, statistics and tables of bench/
+import workloads as wl  # the shared models, batches, LightningModule and Trainer of bench/
 
 from lightning_sam import SAMCallback, SAMEngine
 from lightning_sam.variants.xsam import XSAM
 
-LR = 0.01
 # method -> (variant, options); "{spe}" is replaced by the steps per epoch (the engine's search period)
 METHOD_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "sam": ("sam", {}),
@@ -93,88 +92,9 @@ DEFAULT_METHODS = [
 ]
 OPTIONAL_METHODS = ["engine_xsam_closure"]
 METHODS = DEFAULT_METHODS + OPTIONAL_METHODS
-
-# ---------------------------------------------------------------------------------------------------- models
-
-
-@dataclass
-class ModelSpec:
-    name: str
-    build: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]
-    batch: int
-    classes: int = 10
-    description: str = ""
-
-
-def build_cnn() -> nn.Module:
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-    return nn.Sequential(
-        *block(3, 16),
-        nn.MaxPool2d(2),
-        *block(16, 32),
-        nn.MaxPool2d(2),
-        *block(32, 64),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
-
-
-def build_mlp(depth: int = 10, width: int = 256) -> nn.Module:
-    layers: list[nn.Module] = []
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
-
-
-MODELS = {
-    "cnn": ModelSpec(
-        "cnn", build_cnn, (3, 32, 32), 64, description="3x(conv3x3+BN+ReLU) 16/32/64 ch + linear, 3x32x32, batch 64"
-    ),
-    "mlp": ModelSpec("mlp", build_mlp, (256,), 128, description="10 Linear layers, width 256, ReLU, batch 128"),
-}
-
-
-def make_model(spec: ModelSpec, device: torch.device) -> nn.Module:
-    torch.manual_seed(0)
-    return spec.build().to(device)
-
-
-def make_batches(spec: ModelSpec, device: torch.device, n: int) -> list[tuple[Tensor, Tensor]]:
-    """``n`` distinct synthetic batches (one epoch), built once per model."""
-    generator = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        x = torch.randn(spec.batch, *spec.input_shape, generator=generator)
-        y = torch.randint(0, spec.classes, (spec.batch,), generator=generator)
-        out.append((x.to(device), y.to(device)))
-    return out
-
-
-def make_optimizer(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=LR, momentum=0.9)
-
-
-def param_count(spec: ModelSpec) -> int:
-    return sum(p.numel() for p in spec.build().parameters())
-
+MODELS = {name: wl.MODELS[name] for name in ("cnn", "mlp")}
 
 # ---------------------------------------------------------------------------------------------------- timing
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def clocks() -> tuple[float, float]:
-    """(wall, process CPU) time in seconds."""
-    return time.perf_counter(), time.process_time()
 
 
 @dataclass
@@ -191,6 +111,10 @@ class RunResult:
     descent_cpu: list[float] = field(default_factory=list)
     alphas: list[float] = field(default_factory=list)  # alpha after each timed search
 
+    def add(self, what: str, start: timing.Reading, end: timing.Reading) -> None:
+        getattr(self, f"{what}_wall").append(end[0] - start[0])
+        getattr(self, f"{what}_cpu").append(end[1] - start[1])
+
 
 class SearchTimer:
     """Wraps ``XSAM._search`` and ``XSAM.descent_`` (for the whole benchmark).
@@ -203,42 +127,34 @@ class SearchTimer:
         self.sync = sync
         self.records: list[tuple[float, float, float]] = []
         self.descents: list[tuple[float, float]] = []
+        self._searched = False  # a search ran inside the current descent_ call
 
     def clear(self) -> None:
         self.records.clear()
         self.descents.clear()
+        self._searched = False
+
+    def _on_search(self, wall: float, cpu: float, args: tuple[Any, ...]) -> None:
+        self.records.append((wall, cpu, args[0].alpha))
+        self._searched = True
+
+    def _on_descent(self, wall: float, cpu: float, args: tuple[Any, ...]) -> None:
+        if not self._searched:
+            self.descents.append((wall, cpu))
+        self._searched = False
 
     @contextmanager
     def installed(self) -> Iterator[SearchTimer]:
-        search, descent = XSAM._search, XSAM.descent_
-        timer = self
-
-        def timed_search(variant: XSAM, step: Any, theta: Tensor) -> None:
-            timer.sync()
-            w0, c0 = clocks()
-            try:
-                search(variant, step, theta)
-            finally:
-                timer.sync()
-                w1, c1 = clocks()
-                timer.records.append((w1 - w0, c1 - c0, variant.alpha))
-
-        def timed_descent(variant: XSAM, step: Any) -> None:
-            searches = len(timer.records)
-            timer.sync()
-            w0, c0 = clocks()
-            descent(variant, step)
-            timer.sync()
-            w1, c1 = clocks()
-            if len(timer.records) == searches:
-                timer.descents.append((w1 - w0, c1 - c0))
-
-        XSAM._search = timed_search  # type: ignore[method-assign]
-        XSAM.descent_ = timed_descent  # type: ignore[method-assign]
+        undo = [
+            timing.wrap_timed(XSAM, "_search", self._on_search, self.sync),
+            timing.wrap_timed(XSAM, "descent_", self._on_descent, self.sync),
+        ]
         try:
             yield self
         finally:
-            XSAM._search, XSAM.descent_ = search, descent  # type: ignore[method-assign]
+            for restore in reversed(undo):
+                if restore is not None:
+                    restore()
 
 
 def split_method(method: str) -> tuple[str, str, dict[str, Any]]:
@@ -287,7 +203,7 @@ def bn_safe_probe(model: nn.Module, loss: Callable[[], Tensor]) -> Callable[[], 
 
 def run_engine(
     method: str,
-    spec: ModelSpec,
+    spec: wl.ModelSpec,
     device: torch.device,
     batches: list[tuple[Tensor, Tensor]],
     warmup_epochs: int,
@@ -295,8 +211,8 @@ def run_engine(
     timer: SearchTimer,
 ) -> RunResult:
     _, variant, options = split_method(method)
-    model = make_model(spec, device).train()
-    optimizer = make_optimizer(model.parameters())
+    model = wl.make_model(spec, device).train()
+    optimizer = wl.make_optimizer(model.parameters())
     if variant == "xsam" and "alpha_every" not in options:
         options["alpha_every"] = len(batches)  # the callback's default: the first batch of each epoch
     engine = SAMEngine(model.named_parameters(), variant, **options)
@@ -314,26 +230,22 @@ def run_engine(
         return value
 
     probe = bn_safe_probe(model, loss) if variant == "xsam" and use_probe else None
-    sync = synchronizer(device)
+    sync = timing.synchronizer(device)
     result = RunResult()
     timer.clear()
     for epoch in range(warmup_epochs + epochs):
         timed = epoch >= warmup_epochs
         sync()
-        e0 = clocks()
+        e0 = timing.clocks()
         for i, batch in enumerate(batches):
             current[0] = batch
-            s0 = clocks()
+            s0 = timing.clocks()
             engine.step(closure, optimizer, probe=probe)
             sync()
-            s1 = clocks()
             if timed and i > 0:  # step 0 of an epoch is the search step of the XSAM rows
-                result.step_wall.append(s1[0] - s0[0])
-                result.step_cpu.append(s1[1] - s0[1])
-        e1 = clocks()
+                result.add("step", s0, timing.clocks())
         if timed:
-            result.epoch_wall.append(e1[0] - e0[0])
-            result.epoch_cpu.append(e1[1] - e0[1])
+            result.add("epoch", e0, timing.clocks())
     fill_searches(result, timer, warmup_epochs, len(batches))
     return result
 
@@ -341,64 +253,9 @@ def run_engine(
 # ---------------------------------------------------------------------------------------------------- lightning
 
 
-class BenchModule(L.LightningModule):
-    """The same network as a LightningModule: nothing but training_step and configure_optimizers."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.parameters())
-
-
-class Batches(Dataset):
-    """Pre-built batches (used with ``batch_size=None``: no collation)."""
-
-    def __init__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.batches[index]
-
-
-class EpochTimer(Callback):
-    """Clock readings at epoch and batch boundaries (put first in the callback list)."""
-
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self.sync = sync
-        self.epochs: list[tuple[tuple[float, float], tuple[float, float]]] = []
-        self.steps: list[tuple[int, int, tuple[float, float], tuple[float, float]]] = []
-        self._epoch_start = (0.0, 0.0)
-        self._step_start = (0.0, 0.0)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.sync()
-        self._epoch_start = clocks()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.sync()
-        self.epochs.append((self._epoch_start, clocks()))
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        self.sync()
-        self._step_start = clocks()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, b: Any, idx: int) -> None:
-        self.sync()
-        self.steps.append((trainer.current_epoch, idx, self._step_start, clocks()))
-
-
 def run_lightning(
     method: str,
-    spec: ModelSpec,
+    spec: wl.ModelSpec,
     device: torch.device,
     batches: list[tuple[Tensor, Tensor]],
     warmup_epochs: int,
@@ -406,66 +263,39 @@ def run_lightning(
     timer: SearchTimer,
 ) -> RunResult:
     _, variant, options = split_method(method)
-    module = BenchModule(make_model(spec, device))
-    epoch_timer = EpochTimer(synchronizer(device))
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index] if device.type == "cuda" and device.index is not None else 1,
-        max_epochs=warmup_epochs + epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[epoch_timer, SAMCallback(variant, **options)],
-    )
+    module = wl.BenchModule(wl.make_model(spec, device))
+    clock = timing.LightningTimer(timing.synchronizer(device))
+    callbacks = [clock, SAMCallback(variant, **options)]
+    trainer = wl.make_trainer(device, -1, callbacks, max_epochs=warmup_epochs + epochs)
     timer.clear()
-    trainer.fit(module, train_dataloaders=DataLoader(Batches(batches), batch_size=None))
-    if len(epoch_timer.epochs) != warmup_epochs + epochs:
-        raise RuntimeError(f"{method}: expected {warmup_epochs + epochs} epochs, timed {len(epoch_timer.epochs)}")
+    trainer.fit(module, train_dataloaders=DataLoader(wl.Batches(batches), batch_size=None))
+    if len(clock.epochs) != warmup_epochs + epochs:
+        raise RuntimeError(f"{method}: expected {warmup_epochs + epochs} epochs, timed {len(clock.epochs)}")
     result = RunResult()
-    for start, end in epoch_timer.epochs[warmup_epochs:]:
-        result.epoch_wall.append(end[0] - start[0])
-        result.epoch_cpu.append(end[1] - start[1])
-    for epoch, idx, start, end in epoch_timer.steps:
+    for start, end in clock.epochs[warmup_epochs:]:
+        result.add("epoch", start, end)
+    for (epoch, idx), start, end in zip(clock.batches, clock.starts, clock.ends):
         if epoch >= warmup_epochs and idx > 0:
-            result.step_wall.append(end[0] - start[0])
-            result.step_cpu.append(end[1] - start[1])
+            result.add("step", start, end)
     fill_searches(result, timer, warmup_epochs, len(batches))
     return result
 
 
-def run_method(
-    method: str,
-    spec: ModelSpec,
-    device: torch.device,
-    batches: list[tuple[Tensor, Tensor]],
-    warmup_epochs: int,
-    epochs: int,
-    timer: SearchTimer,
-) -> RunResult:
+def run_method(method: str, *args: Any) -> RunResult:
+    """``run_lightning`` or ``run_engine`` (same arguments), by the method's prefix."""
     runner = run_lightning if method.startswith("lightning_") else run_engine
-    return runner(method, spec, device, batches, warmup_epochs, epochs, timer)
+    return runner(method, *args)
 
 
 # ---------------------------------------------------------------------------------------------------- results
 
 
-def _stats(per_run: list[list[float]]) -> dict[str, Any] | None:
-    """Median over runs of each run's median (ms), with the min..max of the run medians."""
-    if not per_run or not all(per_run):
-        return None
-    medians = [statistics.median(run) * 1e3 for run in per_run]
-    return {"ms": statistics.median(medians), "min": min(medians), "max": max(medians), "run_medians": medians}
-
-
 def summarize(runs: list[RunResult]) -> dict[str, Any]:
+    """Median over runs of each run's median (ms), with the min..max of the run medians."""
     out: dict[str, Any] = {}
-    for clock in ("wall", "cpu"):
-        out[f"epoch_{clock}"] = _stats([getattr(r, f"epoch_{clock}") for r in runs])
-        out[f"step_{clock}"] = _stats([getattr(r, f"step_{clock}") for r in runs])
-        out[f"search_{clock}"] = _stats([getattr(r, f"search_{clock}") for r in runs])
-        out[f"descent_{clock}"] = _stats([getattr(r, f"descent_{clock}") for r in runs])
+    for clock in timing.CLOCKS:
+        for what in COLUMNS:
+            out[f"{what}_{clock}"] = timing.median_of_medians([getattr(r, f"{what}_{clock}") for r in runs])
     out["alphas"] = [a for r in runs for a in r.alphas]
     return out
 
@@ -516,31 +346,24 @@ def ratios(summary: dict[str, dict[str, Any]], clock: str, steps_per_epoch: int)
 COLUMNS = ("epoch", "step", "search", "descent")
 
 
-def fmt(stats: dict[str, Any] | None) -> str:
-    return "-" if stats is None else f"{stats['ms']:.1f} ({stats['min']:.1f}..{stats['max']:.1f})"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| --- | " + " | ".join("---:" for _ in header[1:]) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def print_tables(results: dict[str, dict[str, Any]], methods: list[str], device: torch.device) -> None:
     shown = ["wall", "cpu"] if device.type == "cpu" else ["wall"]
     for name, entry in results.items():
         summary = entry["methods"]
         print(f"\n{name}: {entry['description']}; ms, median over runs (min..max of the run medians)\n")
         header = ["method"] + [f"{what} {c}" for what in COLUMNS for c in shown]
-        rows = [[m] + [fmt(summary[m].get(f"{what}_{c}")) for what in COLUMNS for c in shown] for m in methods]
-        print(md_table(header, rows))
+        rows = [
+            [m] + [timing.fmt_spread(summary[m].get(f"{what}_{c}"), 1) for what in COLUMNS for c in shown]
+            for m in methods
+        ]
+        print(timing.md_table(header, rows))
         alphas = {m: sorted({round(a, 2) for a in summary[m]["alphas"]}) for m in methods if summary[m]["alphas"]}
         if alphas:
             print("\nalpha chosen by the timed searches: " + "; ".join(f"{m} {a}" for m, a in alphas.items()))
         print("\nratios (" + " / ".join(shown) + ")\n")
         names = list(entry["ratios"][shown[0]])
-        rows = [[n, " / ".join(f"{entry['ratios'][c][n]:.3f}" for c in shown)] for n in names]
-        print(md_table(["ratio", name], rows))
+        rows = timing.ratio_rows(names, [name], lambda _, c, n, entry=entry: entry["ratios"][c][n], shown, 3)
+        print(timing.md_table(["ratio", name], rows))
 
 
 def reprint(path: str) -> dict[str, Any]:
@@ -548,7 +371,7 @@ def reprint(path: str) -> dict[str, Any]:
     with open(path) as f:
         saved = json.load(f)
     env = saved["env"]
-    print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    timing.print_env(env)
     device = torch.device(env["device"] if env["device"] == "cpu" else "cuda")
     shown = ("wall", "cpu") if device.type == "cpu" else ("wall",)
     for entry in saved["results"].values():
@@ -561,13 +384,12 @@ def reprint(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def quiet() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", ".*The number of training batches.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning 2.6 on torch >= 2.10, not ours
+def progress(last: dict[str, RunResult]) -> str:
+    """The progress line of one repeat: each method's median epoch, wall/cpu ms."""
+    return "epoch wall/cpu ms: " + ", ".join(
+        f"{m} {statistics.median(r.epoch_wall) * 1e3:.0f}/{statistics.median(r.epoch_cpu) * 1e3:.0f}"
+        for m, r in last.items()
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -575,20 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run (default 3)")
     parser.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs before them (default 1)")
     parser.add_argument("--steps-per-epoch", type=int, default=50, help="batches per epoch (default 50)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per method, interleaved (default 3)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--models", default="cnn,mlp", help="comma-separated subset of: " + ",".join(MODELS))
-    parser.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help="comma-separated subset of: "
-        + ",".join(METHODS)
-        + "; or 'all' (default: all but "
-        + ",".join(OPTIONAL_METHODS)
-        + ")",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    timing.add_common_args(parser, MODELS, steps=None, warmup=None, repeats=3)
+    timing.add_methods_arg(parser, METHODS, DEFAULT_METHODS)
     parser.add_argument("--from-json", metavar="PATH", help="re-print the tables of a saved run and exit")
     args = parser.parse_args(argv)
     if args.from_json:
@@ -596,70 +406,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.epochs < 1 or args.steps_per_epoch < 2 or args.repeats < 1 or args.warmup_epochs < 0:
         sys.exit("need --epochs >= 1, --steps-per-epoch >= 2, --repeats >= 1, --warmup-epochs >= 0")
 
-    quiet()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("--device cuda: CUDA is not available")
-        torch.backends.cudnn.benchmark = True
+    timing.quiet()
+    device = timing.setup(args.threads, args.device)
     models = [MODELS[m] for m in args.models.split(",")]
-    methods = METHODS if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        sys.exit(f"unknown methods {unknown}; known: {METHODS}")
+    methods = timing.selected(args.methods, METHODS)
 
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "epochs": args.epochs,
-        "warmup_epochs": args.warmup_epochs,
-        "steps_per_epoch": args.steps_per_epoch,
-        "repeats": args.repeats,
-    }
-    print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    timer = SearchTimer(synchronizer(device))
+    env = timing.environment(
+        device,
+        epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        repeats=args.repeats,
+    )
+    timing.print_env(env)
+    timer = SearchTimer(timing.synchronizer(device))
     results: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
     with timer.installed():
         for spec in models:
-            batches = make_batches(spec, device, args.steps_per_epoch)
-            for method in methods:  # prime: first-call costs (oneDNN primitives, Trainer imports) are not timed
-                run_method(method, spec, device, batches[:3], 0, 1, timer)
-            runs: dict[str, list[RunResult]] = {m: [] for m in methods}
-            for repeat in range(args.repeats):
-                for method in methods:
-                    runs[method].append(
-                        run_method(method, spec, device, batches, args.warmup_epochs, args.epochs, timer)
-                    )
-                line = ", ".join(
-                    f"{m} {statistics.median(runs[m][-1].epoch_wall) * 1e3:.0f}/"
-                    f"{statistics.median(runs[m][-1].epoch_cpu) * 1e3:.0f}"
-                    for m in methods
-                )
-                print(f"[{spec.name} repeat {repeat + 1}/{args.repeats}] epoch wall/cpu ms: {line}", flush=True)
+            batches = wl.make_batches(spec, device, args.steps_per_epoch)
+            runs = timing.interleave(
+                methods,
+                lambda m, spec=spec, b=batches: run_method(m, spec, device, b, args.warmup_epochs, args.epochs, timer),
+                args.repeats,
+                # prime: first-call costs (oneDNN primitives, Trainer imports) are not timed
+                prime=lambda m, spec=spec, b=batches: run_method(m, spec, device, b[:3], 0, 1, timer),
+                label=spec.name,
+                report=progress,
+            )
             summary = {m: summarize(r) for m, r in runs.items()}
             shown = ("wall", "cpu") if device.type == "cpu" else ("wall",)
             results[spec.name] = {
                 "description": spec.description,
-                "parameters": param_count(spec),
+                "parameters": wl.param_count(spec),
                 "methods": summary,
                 "ratios": {c: ratios(summary, c, args.steps_per_epoch) for c in shown},
             }
     elapsed = time.perf_counter() - t_start
     print_tables(results, methods, device)
-    print(f"\ntotal benchmark time {elapsed:.0f} s")
-    out = {"env": env, "elapsed_s": elapsed, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
-    return out
+    return timing.finish(env, elapsed, results, args.json)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class FSAM(Variant, name="fsam"):
         self._cache_names: list[str] | None = None
         self._cache_ready: list[int] = []
         self._cache_ema: list[Tensor] = []
+        self._cache_lmbda: Tensor | float = self.lmbda
 
     # ----------------------------------------------------------------- the rule
     def direction_(self, step: StepTensors) -> Tensor:
@@ -80,7 +81,7 @@ class FSAM(Variant, name="fsam"):
                 # The weights hold the raw g while the gradients become d (same dtype and device: exact copy).
                 torch._foreach_copy_(w, g)
                 torch._foreach_add_(g, ema, alpha=-self.sigma)  # d = g - sigma * m (m before the update)
-                torch._foreach_mul_(ema, self.lmbda)
+                torch._foreach_mul_(ema, self._cache_lmbda)  # a 0-dim tensor: CPU's foreach Scalar path is slower
                 torch._foreach_add_(ema, w, alpha=1.0 - self.lmbda)  # m = lmbda * m + (1 - lmbda) * g
                 torch._foreach_copy_(w, w0)  # the weights are w again, bit-exactly
             if len(ready) != len(grads):
@@ -119,6 +120,10 @@ class FSAM(Variant, name="fsam"):
             ready.append(i)
             ema.append(m)
         self._cache_names, self._cache_ready, self._cache_ema = names, ready, ema
+        uniform = ema and all(m.device == ema[0].device and m.dtype == ema[0].dtype for m in ema)
+        # lmbda in the EMA's own dtype (fp64 EMAs must not get an fp32-rounded lmbda); a Python number otherwise
+        lmbda = torch.tensor(self.lmbda, dtype=ema[0].dtype, device=ema[0].device) if uniform else self.lmbda
+        self._cache_lmbda: Tensor | float = lmbda
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
