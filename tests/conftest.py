@@ -116,6 +116,19 @@ def quiet_trainer(**kwargs: Any) -> L.Trainer:
     return L.Trainer(**options)
 
 
+def training_closure(net: nn.Module, optimizer: torch.optim.Optimizer, batch: Any):
+    """A closure for ``SAMEngine.step``: zero the gradients, cross-entropy of ``net`` on ``batch``, backward."""
+    x, y = batch
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def cross_entropy_of(batch: Any):
     x, y = batch
     return lambda model: F.cross_entropy(model(x), y)

@@ -18,7 +18,15 @@ from typing import Any
 import pytest
 import reference
 import torch
-from conftest import Classifier, cross_entropy_of, fixed_loader, make_mlp, make_optimizer, quiet_trainer
+from conftest import (
+    Classifier,
+    cross_entropy_of,
+    fixed_loader,
+    make_mlp,
+    make_optimizer,
+    quiet_trainer,
+    training_closure,
+)
 from reference import balancedness, reference_looksam_run, reference_sam_step
 from test_callback import reference_weights
 from test_engine import run_engine
@@ -138,14 +146,7 @@ def check_looksam(options: dict[str, Any]) -> None:
     optimizer = make_optimizer("sgd", net.parameters())
     engine = SAMEngine(net.named_parameters(), "looksam", **options)
     for x, y in batches:
-
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-
-        engine.step(closure, optimizer)
+        engine.step(training_closure(net, optimizer, (x, y)), optimizer)
     assert_fp64_close(net, expected)
     g_v = engine.state_dict()["variant_state"]["g_v"]
     assert g_v and all(t.dtype == torch.float64 for t in g_v.values())
@@ -159,14 +160,9 @@ def check_xsam(options: dict[str, Any]) -> None:
     engine = SAMEngine(net.named_parameters(), "xsam", alpha_every=3, **options)
     seen = []
     for x, y in batches:
-
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-
-        engine.step(closure, optimizer, probe=lambda x=x, y=y: F.cross_entropy(net(x), y))
+        engine.step(
+            training_closure(net, optimizer, (x, y)), optimizer, probe=lambda x=x, y=y: F.cross_entropy(net(x), y)
+        )
         seen.append(engine.variant.alpha)
     assert seen == alphas and engine.variant.searches == 2
     assert any(alpha != 1.0 for alpha in alphas)  # the descent really interpolated (alpha = 1 is plain SAM)
@@ -196,14 +192,7 @@ def check_bar(options: dict[str, Any]) -> None:
     scheduler = test_bar.bar_scheduler(optimizer)
     engine = SAMEngine.from_optimizer(optimizer, net, "bar", total_steps=12, **options)
     for x, y in batches * 2:
-
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-
-        engine.step(closure, optimizer)
+        engine.step(training_closure(net, optimizer, (x, y)), optimizer)
         scheduler.step()
     assert engine.variant.steps == 12
     assert_fp64_close(net, expected)
@@ -288,14 +277,9 @@ def engine_steps(engine: SAMEngine, net: nn.Module, optimizer: torch.optim.Optim
     for x, y in batches:
         if engine.samples_needed():
             engine.collect_samples(lambda i, j, x=x, y=y: F.cross_entropy(net(x[i:j]), y[i:j]), x.shape[0])
-
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-
-        engine.step(closure, optimizer, probe=lambda x=x, y=y: F.cross_entropy(net(x), y))
+        engine.step(
+            training_closure(net, optimizer, (x, y)), optimizer, probe=lambda x=x, y=y: F.cross_entropy(net(x), y)
+        )
 
 
 def round_trip(state: dict[str, Any]) -> dict[str, Any]:

@@ -12,12 +12,14 @@ import sys
 import pytest
 import torch
 from conftest import Classifier, cross_entropy_of, fixed_loader, make_mlp, make_optimizer, quiet_trainer
+from test_float64 import engine_steps
 from torch.nn import functional as F
 from toy_variant import INFO, PowerSAM, reference_direction
 
 from lightning_sam import SAMCallback, SAMEngine, SAMMixin, available_variants
 from lightning_sam.variants import (
     Variant,
+    VariantInfo,
     make_variant,
     register_variant,
     unregister_variant,
@@ -91,16 +93,7 @@ def run_engine(name, net, batches, engine=None, state=None):
         engine = SAMEngine(net.named_parameters(), name, **BIND_OPTIONS.get(name, {}))
         if state is not None:
             engine.load_state_dict(state)
-    for batch in batches:
-        loss_of = cross_entropy_of(batch)
-
-        def closure(loss_of=loss_of):
-            optimizer.zero_grad()
-            loss = loss_of(net)
-            loss.backward()
-            return loss
-
-        engine.step(closure, optimizer, probe=lambda loss_of=loss_of: loss_of(net))
+    engine_steps(engine, net, optimizer, batches)
     return engine
 
 
@@ -206,3 +199,14 @@ def test_a_toy_variant_is_configured_by_lightning_cli(powersam, tmp_path):
 def test_an_unregistered_variant_object_gets_a_clear_error():
     with pytest.raises(ValueError, match="is not a registered variant: register it"):
         SAMCallback(PowerSAM())
+
+
+def test_a_second_pass_variant_without_an_ascent_rule_cannot_be_registered():
+    class NoRule(Variant, name="norule"):
+        pass
+
+    with pytest.raises(TypeError, match="has no direction_"):
+        VariantInfo(NoRule)
+    assert VariantInfo(NoRule, second_pass=False).name == "norule"
+    with pytest.raises(RuntimeError, match="registered with second_pass=False"):
+        NoRule().direction_(None)
