@@ -48,6 +48,13 @@ class VariantInfo:
     before_step: bool = False
     run_length: bool = False
 
+    def __post_init__(self) -> None:
+        if self.second_pass and self.cls.direction_ is Variant.direction_:
+            raise TypeError(
+                f"{self.cls.__name__} runs a second pass (second_pass=True) but has no direction_: implement it, or "
+                "register it with second_pass=False (a pre-step rule, as BAR)"
+            )
+
     @property
     def name(self) -> str:
         return self.cls.name

@@ -168,7 +168,10 @@ class Variant:
         The engine then sets ``w <- w + rho * u / (n + eps)``. ``step.params`` hold the current point on entry and
         must hold it again on return (at the first ascent, ``step.ascent == 0``, that point equals ``step.saved``).
         """
-        raise NotImplementedError(f"{type(self).__name__} has no ascent rule (registered with second_pass=False?)")
+        raise RuntimeError(
+            f"{type(self).__name__} is registered with second_pass=False: it never ascends, so the engine never asks "
+            "it for a direction (register_variant refuses a second_pass variant without one)"
+        )
 
     def descent_(self, step: StepTensors) -> None:
         """Optionally replace the descent gradient ``step.grads`` (pass-2 gradients) in place. Identity here."""
