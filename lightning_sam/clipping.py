@@ -6,7 +6,7 @@ instead, so no host sync and no extra unscale is needed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,19 +26,24 @@ def validate_clipping(value: float | None, algorithm: str) -> None:
 
 @torch.no_grad()
 def clip_gradients_(
-    grads: Sequence[Tensor], value: float, algorithm: str = "norm", scale: Tensor | None = None
+    grads: Sequence[Tensor],
+    value: float,
+    algorithm: str = "norm",
+    scale: Tensor | None = None,
+    norm: Callable[[Sequence[Tensor]], Tensor] = global_norm,
 ) -> None:
     """Clip ``grads`` in place by global norm (``algorithm="norm"``) or element value (``"value"``).
 
     ``scale``: the loss scale the gradients are still multiplied by (16-mixed before unscaling), or None.
     Norm clipping multiplies by ``min(1, value / (||g|| + 1e-6))`` as ``clip_grad_norm_`` does. The norm and the
     bounds are in fp32, fp64 when a gradient is fp64 (a bound such as 0.1 is not rounded to fp32 for fp64 gradients).
+    ``norm``: the global norm of ``grads`` (sharded gradients: this rank's shards, reduced over every rank).
     """
     grads = list(grads)
     if not grads:
         return
     if algorithm == "norm":
-        total = global_norm(grads)  # fp32, or fp64 for fp64 gradients: the bound is formed in the same dtype
+        total = norm(grads)  # fp32, or fp64 for fp64 gradients: the bound is formed in the same dtype
         limit = torch.as_tensor(float(value), dtype=total.dtype, device=total.device)
         epsilon = torch.as_tensor(1e-6, dtype=total.dtype, device=total.device)
         if scale is not None:

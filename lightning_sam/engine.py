@@ -33,6 +33,14 @@ from torch import Tensor
 from lightning_sam import validation as check
 from lightning_sam.params import ParamsLike, named_entries, selection, unwrap
 from lightning_sam.precision import NoScaling
+from lightning_sam.sharding import (
+    ShardedReduction,
+    check_gradient_placements,
+    fsdp_modules,
+    is_sharded,
+    local,
+    resharding,
+)
 from lightning_sam.tensor_ops import EPS, widen, widened_dtype
 from lightning_sam.variants import StepTensors, Variant, VariantInfo, resolve_variant, variant_info
 
@@ -85,11 +93,24 @@ class SAMEngine:
         self._rhos: list[float] = []
         for name, _, options in entries:
             self._rhos.append(check.real("SAMEngine", f"rho of {name!r}", options.get("rho", self.variant.rho)))
-        self.variant.bind(list(self.names), list(self.params))
+        # FSDP2 / tensor parallel: the engine works on each rank's shards; reductions run over every rank
+        self.sharded = is_sharded(self.params)
+        self._locals: list[Tensor] = [local(p) for p in self.params] if self.sharded else self.params
+        self._reduction: ShardedReduction | None = None
+        if self.sharded:
+            if not self.variant.supports_sharding:
+                raise ValueError(self.variant.sharding_message or f"{self.variant.name} does not support sharding")
+            self._reduction = ShardedReduction(self.params)
+            self.variant.sharded = True
+            self.variant.per_rank_state = True  # each rank holds its shards' state
+        self.variant.bind(list(self.names), list(self._locals))
         self._saved_views: list[Tensor] | None = None
         self._cache_key: tuple[int, ...] | None = None
         self._active: StepTensors | None = None
         self._rho_groups: list[tuple[float, list[int]]] = []
+        self._active_sources: list[Tensor] = []  # the parameters (DTensors when sharded) of the active step
+        # FSDP2 modules to reshard after each loss probe (set by from_optimizer; see sharding.resharding)
+        self.fsdp_modules: list[torch.nn.Module] = []
         self._perturbed = False
         self.step_count = 0
         self.last_perturbation_norm: Tensor | None = None
@@ -136,7 +157,9 @@ class SAMEngine:
                 f"The params filter {select!r} selects none of the optimizer's parameters: nothing would be "
                 "perturbed. Check the filter (params='norm' needs normalization layers in the module)."
             )
-        return cls(groups, variant, rho, interval=interval, **variant_options)
+        engine = cls(groups, variant, rho, interval=interval, **variant_options)
+        engine.fsdp_modules = fsdp_modules(module) if engine.sharded else []
+        return engine
 
     # ------------------------------------------------------------------ properties
     @property
@@ -204,13 +227,16 @@ class SAMEngine:
         variants that probe the loss (XSAM's alpha search) use it. Set ``evaluate_clobbers_grads`` when it runs a
         backward (a training closure): the variant then keeps a copy of the gradients it still needs.
         """
+        if evaluate is not None and self.fsdp_modules:
+            evaluate = resharding(evaluate, self.fsdp_modules)
         try:
             if self.info.descent and self._perturbed and self._active is not None:
-                active = self._active
-                grads = [p.grad for p in active.params]
+                active, sources = self._active, self._active_sources
+                grads = [p.grad for p in sources]
                 present = [i for i, g in enumerate(grads) if g is not None]
                 if present:
-                    descent_grads = [grads[i] for i in present]
+                    descent_grads = [local(grads[i]) for i in present] if self.sharded else [grads[i] for i in present]
+                    whole = len(present) == len(grads)
                     self.variant.descent_(
                         StepTensors(
                             names=[active.names[i] for i in present],
@@ -220,11 +246,14 @@ class SAMEngine:
                             step=self.step_count,
                             evaluate=evaluate,
                             evaluate_clobbers_grads=evaluate_clobbers_grads,
+                            reduction=active.reduction
+                            if whole or active.reduction is None
+                            else active.reduction.subset(present),
                         )
                     )
                     if evaluate_clobbers_grads:  # a probing closure may have replaced the .grad tensors
-                        for i, g in zip(present, descent_grads):
-                            active.params[i].grad = g
+                        for i in present:
+                            sources[i].grad = grads[i]
         finally:
             self.restore()
         self.step_count += 1
@@ -357,12 +386,20 @@ class SAMEngine:
         if perturbed and self._active is not None:
             # later ascent of a multi-step variant: same parameters, fresh gradients
             active = self._active
-            grads = [p.grad for p in active.params]
+            grads = [p.grad for p in self._active_sources]
             if any(g is None for g in grads):
                 raise RuntimeError("a later ascent of the step found parameters without a gradient")
+            if self.sharded:
+                grads = [local(g) for g in grads]
             return StepTensors(
-                active.names, active.params, grads, active.saved, ascent=active.ascent + 1, step=self.step_count
-            )  # type: ignore[arg-type]
+                active.names,
+                active.params,
+                grads,  # type: ignore[arg-type]
+                active.saved,
+                ascent=active.ascent + 1,
+                step=self.step_count,
+                reduction=active.reduction,
+            )
         key = tuple(i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad)
         if not key:
             return None
@@ -371,25 +408,38 @@ class SAMEngine:
         if key != self._cache_key:
             self._cache_key = key
             self._key_names = [self.names[i] for i in key]
-            self._key_params = [self.params[i] for i in key]
+            self._key_sources = [self.params[i] for i in key]
+            self._key_params = [self._locals[i] for i in key]
+            self._key_reduction = None if self._reduction is None else self._reduction.subset(key)
+            if self._reduction is not None:
+                check_gradient_placements([self.names[i] for i in key], self._key_sources)
             self._key_saved = [self._saved_views[i] for i in key] if self._saved_views else []
             groups: dict[float, list[int]] = {}
             for position, i in enumerate(key):
                 groups.setdefault(self._rhos[i], []).append(position)
             self._rho_groups = list(groups.items())
-        grads = [p.grad for p in self._key_params]
-        return StepTensors(self._key_names, self._key_params, grads, self._key_saved, step=self.step_count)  # type: ignore[arg-type]
+        self._active_sources = self._key_sources
+        sources = self._key_sources  # sharded: this rank's shards (local tensors of the DTensors, write-through views)
+        grads = [local(p.grad) for p in sources] if self.sharded else [p.grad for p in sources]  # type: ignore[arg-type]
+        return StepTensors(
+            self._key_names,
+            self._key_params,
+            grads,  # type: ignore[arg-type]
+            self._key_saved,
+            step=self.step_count,
+            reduction=self._key_reduction,
+        )
 
     def _allocate_saved(self) -> list[Tensor]:
         """One flat buffer per (device, dtype), allocated once; a view of it per parameter."""
         sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-        for p in self.params:
+        for p in self._locals:
             key = (p.device, p.dtype)
             sizes[key] = sizes.get(key, 0) + p.numel()
         buffers = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
         views = []
-        for p in self.params:
+        for p in self._locals:
             key = (p.device, p.dtype)
             views.append(buffers[key][offsets[key] : offsets[key] + p.numel()].view_as(p))
             offsets[key] += p.numel()

@@ -26,7 +26,7 @@ from lightning_sam.precision import GradScaling, NoScaling, Precision
 from lightning_sam.settings import SAMSettings
 from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.step import TwoPassStep
-from lightning_sam.strategies import check_static_graph, check_strategy
+from lightning_sam.strategies import check_static_graph, check_strategy, resolve_sync_ascent
 from lightning_sam.variants import RunLength, Variant, variant_info
 
 
@@ -89,10 +89,10 @@ def variant_for_run(trainer: Trainer, spec: Variant) -> Variant:
     return spec.with_options(**type(spec).run_defaults(spec.config, run_length(trainer)))
 
 
-def check_trainer(trainer: Trainer, sync_ascent: bool) -> None:
+def check_trainer(trainer: Trainer, sync_ascent: bool | None) -> None:
     """The strategy checks both adapters run before training."""
     check_strategy(trainer)
-    if not sync_ascent:
+    if not resolve_sync_ascent(trainer, sync_ascent):
         check_static_graph(trainer)
 
 
@@ -116,8 +116,9 @@ def build_driver(
         engine.load_state_dict(engine_state_for_this_rank(state))
     if engine.variant.setup_message:
         rank_zero_info(f"{adapter}: {engine.variant.setup_message}")
+    sync_ascent = resolve_sync_ascent(trainer, settings.sync_ascent)
     precision = precision_for(trainer, optimizer, automatic=automatic, settings=settings, adapter=adapter)
-    return TwoPassStep(engine, precision, sync_ascent=settings.sync_ascent)
+    return TwoPassStep(engine, precision, sync_ascent=sync_ascent)
 
 
 def collect_samples(
@@ -152,7 +153,8 @@ def precision_for(
     """The precision object of a fit: GradScaling under 16-mixed, else NoScaling (with the non-finite check)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None and scaler.is_enabled():
-        return GradScaling(scaler, optimizer, unscaled_by_caller=automatic, across_ranks=not settings.sync_ascent)
+        across_ranks = not resolve_sync_ascent(trainer, settings.sync_ascent)
+        return GradScaling(scaler, optimizer, unscaled_by_caller=automatic, across_ranks=across_ranks)
     return NoScaling(skip_nonfinite=settings.skip_nonfinite, adapter=adapter, warn=rank_zero_warn)
 
 

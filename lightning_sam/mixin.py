@@ -31,8 +31,10 @@ from lightning_sam.metrics import StepMetrics, should_log
 from lightning_sam.precision import gradients_of
 from lightning_sam.replays import ManualReplay
 from lightning_sam.settings import SAMSettings
+from lightning_sam.sharding import ShardedReduction, local
 from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.step import TwoPassStep
+from lightning_sam.tensor_ops import global_norm
 from lightning_sam.variants import Variant
 
 
@@ -143,7 +145,11 @@ class SAMMixin:
         self._sam_metrics.record(self, driver.engine, driver.precision, outcome, loss, logging)  # type: ignore[arg-type]
         clip_value, clip_algorithm = self._sam_clip
         if clip_value is not None:  # under GradScaler the gradients are still scaled here (Lightning unscales in step)
-            clip_gradients_(gradients_of(raw), clip_value, clip_algorithm, scale=driver.precision.gradient_scale())
+            grads, norm = gradients_of(raw), global_norm
+            if driver.engine.sharded:  # DTensor gradients: clip the local shards by the norm over all of them
+                params = [p for group in raw.param_groups for p in group["params"] if p.grad is not None]
+                grads, norm = [local(g) for g in grads], ShardedReduction(params).norm
+            clip_gradients_(grads, clip_value, clip_algorithm, scale=driver.precision.gradient_scale(), norm=norm)
         driver.before_optimizer_step(raw)
         optimizer.step()
         optimizer.zero_grad()

@@ -24,8 +24,10 @@ class SAMSettings:
             object such as ``SSAM(sparsity=0.5)`` (LightningCLI: ``class_path`` / ``init_args``).
         rho: neighbourhood radius; ``None`` takes the variant's default (SAM 0.05, ASAM 0.5). With a variant name
             only (a variant object carries its own).
-        sync_ascent: under DDP, all-reduce pass 1 too (global-gradient SAM). Default False: each rank ascends
-            with its own gradient (the paper's m-sharpness; half the communication); pass 2 always all-reduces.
+        sync_ascent: under DDP, all-reduce pass 1 too (global-gradient SAM). Unset (``None``) or False under DDP:
+            each rank ascends with its own gradient (the paper's m-sharpness; half the communication); pass 2 always
+            all-reduces. Under ModelParallelStrategy pass 1 is always global (FSDP reduce-scatters every
+            backward): leave it unset or True there.
         interval: run the variant's ascent and pass 2 on every ``interval``-th optimizer step only (default 1);
             the other steps are plain optimizer steps on ``g`` with no second forward/backward.
         params: which parameters are perturbed (and counted in the gradient norm): ``None`` (all trained ones),
@@ -43,7 +45,7 @@ class SAMSettings:
         variant: Variant | str = "sam",
         rho: float | None = None,
         *,
-        sync_ascent: bool = False,
+        sync_ascent: bool | None = None,
         interval: int = 1,
         params: str | Callable[[str, Tensor], bool] | None = None,
         skip_nonfinite: bool = True,
@@ -54,7 +56,7 @@ class SAMSettings:
         self.interval = check.integer("", "interval", interval, 1, " (1 = SAM on every step)")
         check_filter(params)
         self.params = params
-        self.sync_ascent = check.flag("", "sync_ascent", sync_ascent)
+        self.sync_ascent = None if sync_ascent is None else check.flag("", "sync_ascent", sync_ascent)
         self.skip_nonfinite = check.flag("", "skip_nonfinite", skip_nonfinite)
 
     @property

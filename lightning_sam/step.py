@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_sam.precision import NoScaling, Precision, gradients_of
+from lightning_sam.sharding import local
 
 if TYPE_CHECKING:
     from lightning_sam.engine import SAMEngine
@@ -117,7 +118,8 @@ class TwoPassStep:
                     precision.unscale_between_ascents(optimizer)
                     engine.ascend(measure=False)  # ||e|| is the first ascent's
                 if optimizer is not None:
-                    torch._foreach_zero_(gradients_of(optimizer))
+                    grads = gradients_of(optimizer)
+                    torch._foreach_zero_([local(g) for g in grads] if engine.sharded else grads)
                 loss = replay.second_pass(index == passes - 1)
             precision.finish_second_pass(optimizer)
             engine.descend(evaluate=replay.probe, evaluate_clobbers_grads=replay.probe_clobbers_grads)

@@ -1,5 +1,5 @@
-"""What SAM needs from Lightning's strategies: DDP's gradient-sync switch and the checks that reject strategies SAM
-cannot run under.
+"""What SAM needs from Lightning's strategies: DDP's gradient-sync switch, ``sync_ascent`` per strategy and the checks
+that reject strategies SAM cannot run under.
 
 Pass 1 runs without DDP's gradient all-reduce by default (each rank ascends with its own gradient: the paper's
 m-sharpness, half the communication); pass 2 all-reduces as usual, so every rank descends with the same gradient and
@@ -43,19 +43,52 @@ def check_strategy(trainer: Trainer) -> None:
             "lightning_sam does not support DeepSpeed: DeepSpeed owns the optimizer step and the gradients, so "
             "SAM's second pass cannot run between backward and step. Use strategy='ddp' (or 'ddp_spawn')."
         )
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+    if isinstance(strategy, FSDPStrategy):
         raise RuntimeError(
-            f"lightning_sam does not support {name} yet: parameters and gradients are sharded, so the global "
-            "gradient norm and the saved copy would need a reduction over shards. Use strategy='ddp' "
-            "(DistributedDataParallel replicates the model and is fully supported)."
+            "lightning_sam does not support FSDPStrategy (FSDP1, flat parameters): use "
+            "strategy=ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1) and apply "
+            "torch.distributed.fsdp.fully_shard in configure_model (FSDP2: per-parameter DTensor shards, which SAM "
+            "perturbs in place), or strategy='ddp'."
         )
+    if isinstance(strategy, ModelParallelStrategy):
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            raise RuntimeError(
+                "lightning_sam under ModelParallelStrategy supports precision '32-true', 'bf16-mixed' and "
+                "'bf16-true', not '16-mixed': a GradScaler's overflow check would see only this rank's gradient "
+                "shards. Use 'bf16-mixed'."
+            )
+        return
     if "XLA" in name:
         raise RuntimeError(f"lightning_sam has not been built or tested for {name} (XLA/TPU). Use strategy='ddp'.")
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise RuntimeError(
-            f"lightning_sam supports the single-device and DDP strategies (ddp, ddp_spawn, "
-            f"ddp_find_unused_parameters_true, multi-node DDP); got {name}. Use strategy='ddp'."
+            f"lightning_sam supports the single-device, DDP (ddp, ddp_spawn, ddp_find_unused_parameters_true, "
+            f"multi-node DDP) and ModelParallelStrategy (FSDP2, tensor parallel) strategies; got {name}. Use "
+            "strategy='ddp'."
         )
+
+
+def is_sharded_strategy(trainer: Trainer) -> bool:
+    """Whether the strategy shards parameters (``ModelParallelStrategy``: FSDP2 and/or tensor parallel)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def resolve_sync_ascent(trainer: Trainer, sync_ascent: bool | None) -> bool:
+    """The ``sync_ascent`` a fit runs with: under DDP, the user's choice (default False: local pass 1); under
+    ModelParallelStrategy always True, since FSDP reduce-scatters every backward (pass 1 is the global gradient);
+    an explicit ``False`` there cannot be honoured and raises."""
+    if not is_sharded_strategy(trainer):
+        return bool(sync_ascent)
+    if sync_ascent is False:
+        raise ValueError(
+            "sync_ascent=False (a local pass 1 per rank) cannot be honoured under ModelParallelStrategy: FSDP "
+            "reduce-scatters the gradient of every backward, so pass 1 is always the global gradient. Leave "
+            "sync_ascent unset (or True)."
+        )
+    return True
 
 
 def check_static_graph(trainer: Trainer) -> None:

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from reference import PERTURBATIONS, reference_sam_step
 
 from lightning_sam import SAMCallback
-from lightning_sam.strategies import check_static_graph, check_strategy
+from lightning_sam.strategies import check_static_graph, check_strategy, resolve_sync_ascent
 
 
 def reference_accumulated_sam(
@@ -167,22 +167,38 @@ def _fake_trainer(strategy):
     return SimpleNamespace(strategy=strategy)
 
 
-def test_fsdp_and_deepspeed_are_rejected_with_a_clear_error():
-    with pytest.raises(RuntimeError, match="Use strategy='ddp'"):
+def test_fsdp1_and_deepspeed_are_rejected_with_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"FSDP1.*ModelParallelStrategy.*fully_shard"):
         check_strategy(_fake_trainer(FSDPStrategy()))
     deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # the real class; deepspeed itself is not installed
     with pytest.raises(RuntimeError, match="DeepSpeed owns the optimizer step"):
         check_strategy(_fake_trainer(deepspeed))
-    with pytest.raises(RuntimeError, match="supports the single-device and DDP strategies"):
+    with pytest.raises(RuntimeError, match=r"supports the single-device, DDP .* and ModelParallelStrategy"):
         check_strategy(_fake_trainer(object()))
     check_strategy(_fake_trainer(DDPStrategy()))  # accepted
+
+
+def test_model_parallel_is_accepted_but_not_with_16_mixed_or_a_local_ascent():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    check_strategy(SimpleNamespace(strategy=strategy, precision_plugin=SimpleNamespace()))
+    scaled = SimpleNamespace(strategy=strategy, precision_plugin=SimpleNamespace(scaler=object()))
+    with pytest.raises(RuntimeError, match=r"not '16-mixed'.*Use 'bf16-mixed'"):
+        check_strategy(scaled)
+    trainer = _fake_trainer(strategy)
+    assert resolve_sync_ascent(trainer, None) is True
+    assert resolve_sync_ascent(trainer, True) is True
+    with pytest.raises(ValueError, match=r"sync_ascent=False .* cannot be honoured under ModelParallelStrategy"):
+        resolve_sync_ascent(trainer, False)
+    assert resolve_sync_ascent(_fake_trainer(DDPStrategy()), None) is False  # DDP: local pass 1 unless asked
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP needs CUDA")
 def test_fsdp_rejected_in_setup_before_training():
     trainer = quiet_trainer(max_steps=1, accelerator="cuda", strategy=FSDPStrategy(), callbacks=[SAMCallback()])
-    with pytest.raises(RuntimeError, match="Use strategy='ddp'"):
+    with pytest.raises(RuntimeError, match=r"FSDP1.*ModelParallelStrategy"):
         trainer.fit(Classifier(make_mlp()), fixed_loader())
 
 

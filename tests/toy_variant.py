@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from lightning_sam import validation
-from lightning_sam.tensor_ops import global_norm
 from lightning_sam.variants import StepTensors, Variant, VariantInfo
 
 
@@ -32,7 +31,7 @@ class PowerSAM(Variant):
         with torch.no_grad():
             for g in step.grads:
                 g.copy_(torch.sign(g) * g.abs() ** self.power)
-        return global_norm(step.grads)
+        return step.norm(step.grads)
 
 
 INFO = VariantInfo(PowerSAM)  # the one registry line: register_variant(INFO)

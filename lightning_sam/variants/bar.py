@@ -112,6 +112,12 @@ class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
     give ``total_steps`` explicitly when a resumed run would otherwise derive another ``T`` from its Trainer.
     """
 
+    supports_sharding = False
+    sharding_message = (
+        "bar under sharded parameters (FSDP2 / tensor parallel) is not built yet: the norms of a sharded pair "
+        "(A, B) must be reduced over the shards. Use strategy='ddp'."
+    )
+
     def __init__(
         self,
         rho: float | None = None,

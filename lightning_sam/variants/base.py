@@ -26,7 +26,7 @@ A variant object is also its own configuration: the keyword arguments it was bui
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from lightning_sam import validation as check
 from lightning_sam.distributed import all_reduce_sum_, world_size
+from lightning_sam.sharding import ShardedReduction
 from lightning_sam.tensor_ops import accumulation_dtype, global_norm
 
 
@@ -98,6 +99,23 @@ class StepTensors:
     evaluate: Callable[[], Tensor] | None = None
     evaluate_clobbers_grads: bool = False
     measure: bool = True  # apply_ computes ||e|| (the adapters ask for it on logging steps only)
+    reduction: ShardedReduction | None = None  # sharded parameters: reductions run over every rank's shard
+
+    def norm(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The global L2 norm of ``tensors`` (one per parameter of the step, in step order): over the whole
+        parameters when they are sharded (FSDP2, tensor parallel), where the lists hold this rank's shards.
+        Variants take every norm of a per-parameter list through here."""
+        if self.reduction is None:
+            return global_norm(tensors)
+        return self.reduction.norm(tensors)
+
+    def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+        """``<a, b>`` over per-parameter lists in step order (global over shards, as :meth:`norm`), in their
+        :func:`~lightning_sam.tensor_ops.accumulation_dtype`."""
+        if self.reduction is not None:
+            return self.reduction.dot(a, b)
+        dtype = accumulation_dtype(list(a) + list(b))
+        return torch.stack([torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]).sum()
 
 
 class Variant:
@@ -110,6 +128,9 @@ class Variant:
     per_rank_state: bool = False  # state differs between DDP ranks (checkpointed for every rank); may be per instance
     setup_message: str = ""  # one line the adapters log at setup (e.g. BAR's pairs)
     sample_batch_size: int = 1  # samples per micro-batch of per-sample gradients (SSAM's fisher_batch_size)
+    sharded: bool = False  # set by the engine: the tensors are this rank's shards of DTensors (FSDP2, TP)
+    supports_sharding: bool = True  # False: the engine refuses sharded parameters (the reason in sharding_message)
+    sharding_message: str = ""
 
     def __init_subclass__(cls, name: str = "", default_rho: float | None = None, **kwargs: Any) -> None:
         """``class XSAM(Variant, name="xsam", default_rho=0.15)``: the name users type and the default radius."""
@@ -151,8 +172,9 @@ class Variant:
     def sum_tensors_over_ranks_(self, tensors: list[Tensor]) -> None:
         """Sum ``tensors`` over ranks in place, through one flat buffer (one all-reduce) in their
         :func:`~lightning_sam.tensor_ops.accumulation_dtype` (fp32, or fp64 when any is fp64); nothing to do on a
-        single process."""
-        if world_size() == 1:
+        single process, nor on sharded parameters: there each rank holds its own slice of values that are already
+        global (FSDP reduce-scatters every backward), so there are no replicas to bring into agreement."""
+        if world_size() == 1 or self.sharded:
             return
         dtype = accumulation_dtype(tensors)
         flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
@@ -211,7 +233,7 @@ class Variant:
     def apply_(self, step: StepTensors) -> Tensor | None:
         """Add the perturbation ``e`` (already in ``step.grads``) to the weights; return ``||e||`` (fp32, or fp64
         for fp64 tensors) when ``step.measure``, else None."""
-        norm = global_norm(step.grads) if step.measure else None
+        norm = step.norm(step.grads) if step.measure else None
         torch._foreach_add_(step.params, step.grads)
         return norm
 

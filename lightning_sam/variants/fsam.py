@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_sam import validation as check
-from lightning_sam.tensor_ops import global_norm, widened_dtype
+from lightning_sam.tensor_ops import widened_dtype
 from lightning_sam.variants.base import StepTensors, Variant
 
 
@@ -93,10 +93,10 @@ class FSAM(Variant, name="fsam"):
                 self._cache_names = None  # they are ready from the next step on
             if self.adaptive:
                 torch._foreach_mul_(grads, saved)  # w * d (||w * d|| = || |w| * d ||)
-                denominator = global_norm(grads)
+                denominator = step.norm(grads)
                 torch._foreach_mul_(grads, saved)  # w^2 * d
             else:
-                denominator = global_norm(grads)
+                denominator = step.norm(grads)
         self.steps += 1
         return denominator
 

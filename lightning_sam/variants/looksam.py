@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_sam import validation as check
-from lightning_sam.tensor_ops import global_norm, widen, widened_dtype
+from lightning_sam.tensor_ops import widen, widened_dtype
 from lightning_sam.variants.base import StepTensors, Variant
 
 TINY = 1e-12
@@ -64,14 +64,14 @@ class LookSAM(Variant, name="looksam"):
     def direction_(self, step: StepTensors) -> Tensor:
         buffers = self._buffers(step.names)
         torch._foreach_copy_(buffers, step.grads)  # keep g for the projection after pass 2
-        return global_norm(step.grads)
+        return step.norm(step.grads)
 
     def descent_(self, step: StepTensors) -> None:
         g = self._buffers(step.names)
         self.sum_tensors_over_ranks_(g)  # g_v must agree on every rank; the projection ignores the sum's scale
         g_s = [widen(x) for x in step.grads]  # no copy for fp32 / fp64 gradients
-        dot = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g_s, g)]).sum()
-        norm_sq = global_norm(g) ** 2
+        dot = step.dot(g_s, g)
+        norm_sq = step.norm(g) ** 2
         torch._foreach_mul_(g, -dot / (norm_sq + TINY))
         torch._foreach_add_(g, g_s)  # g_v = g_s - (<g_s, g> / ||g||^2) g
         self._have_gv = True
@@ -80,7 +80,7 @@ class LookSAM(Variant, name="looksam"):
         if not self._have_gv:
             return  # no SAM step yet (e.g. resumed without state): a plain step
         g_v = self._buffers(step.names)
-        coefficient = self.alpha * global_norm(step.grads) / (global_norm(g_v) + TINY)
+        coefficient = self.alpha * step.norm(step.grads) / (step.norm(g_v) + TINY)
         if all(g.dtype == v.dtype for g, v in zip(step.grads, g_v)):  # fp32 / fp64: in place, no allocation
             torch._foreach_addcmul_(step.grads, g_v, [coefficient] * len(g_v))
         else:

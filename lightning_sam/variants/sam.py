@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from lightning_sam import validation as check
-from lightning_sam.tensor_ops import global_norm
 from lightning_sam.variants.base import StepTensors, Variant
 
 
@@ -29,7 +28,7 @@ class SAM(Variant, name="sam"):
         super().__init__(rho)
 
     def direction_(self, step: StepTensors) -> Tensor:
-        return global_norm(step.grads)
+        return step.norm(step.grads)
 
 
 class ASAM(Variant, name="asam", default_rho=0.5):
@@ -54,7 +53,7 @@ class ASAM(Variant, name="asam", default_rho=0.5):
             torch._foreach_abs_(params)
             torch._foreach_add_(params, self.eta)
             torch._foreach_mul_(grads, params)  # T * g
-            denominator = global_norm(grads)
+            denominator = step.norm(grads)
             torch._foreach_mul_(grads, params)  # T^2 * g
             torch._foreach_copy_(params, step.saved)
         return denominator

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_sam import validation as check
-from lightning_sam.tensor_ops import accumulation_dtype, global_norm, widen, widened_dtype
+from lightning_sam.tensor_ops import accumulation_dtype, widen, widened_dtype
 from lightning_sam.variants import ssam_masks as masks
 from lightning_sam.variants.base import RunLength, StepTensors, Variant
 
@@ -57,6 +57,13 @@ class SSAM(Variant, name="ssam"):
         seed: seeds DST's random start and regrowth (identical on every rank).
         total_steps: ``T`` of DST's cosine schedule (the callback fills it in from the Trainer).
     """
+
+    supports_sharding = False
+    sharding_message = (
+        "ssam under sharded parameters (FSDP2 / tensor parallel) is not built yet: its top-k mask must be selected "
+        "over every shard, and the Fisher mask's per-sample gradients cannot be taken through FSDP. Use "
+        "strategy='ddp'."
+    )
 
     def __init__(
         self,
@@ -164,7 +171,7 @@ class SSAM(Variant, name="ssam"):
         return self._kept is not None
 
     def direction_(self, step: StepTensors) -> Tensor:
-        return global_norm(step.grads)  # u = g; the mask is applied in apply_
+        return step.norm(step.grads)  # u = g; the mask is applied in apply_
 
     def save_(self, step: StepTensors) -> None:
         # A DST refresh changes the kept set (and its buffers), so it runs here, before anything is saved.

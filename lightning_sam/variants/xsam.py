@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_sam import validation as check
-from lightning_sam.tensor_ops import EPS, global_norm, widen
+from lightning_sam.tensor_ops import EPS, widen
 from lightning_sam.variants.base import RunLength, StepTensors, Variant
 
 
@@ -90,7 +90,7 @@ class XSAM(Variant, name="xsam", default_rho=0.15):
     # ------------------------------------------------------------------ ascent
     def direction_(self, step: StepTensors) -> Tensor:
         # e = (rho / k) * g_i / (||g_i|| + eps): with the engine's e = rho * u / (n + eps), n = k ||g|| + (k-1) eps
-        return self.steps * global_norm(step.grads) + (self.steps - 1) * EPS
+        return self.steps * step.norm(step.grads) + (self.steps - 1) * EPS
 
     # ------------------------------------------------------------------ descent
     def search_due(self, step_index: int) -> bool:
@@ -120,12 +120,12 @@ class XSAM(Variant, name="xsam", default_rho=0.15):
         # v0 in place in the weights: w <- w - w0 (the displacement), summed over ranks (local ascents differ)
         torch._foreach_sub_(params, saved)
         self.sum_tensors_over_ranks_(params)  # local ascents differ per rank; v0 enters the descent
-        raw_norm = global_norm(params)
+        raw_norm = step.norm(params)
         displacement_norm = raw_norm + EPS
         torch._foreach_div_(params, displacement_norm)  # v0
-        grad_norm = global_norm(grads)
+        grad_norm = step.norm(grads)
         torch._foreach_div_(grads, grad_norm + EPS)  # v1
-        cosine = inner_product_(params, grads, raw_norm / displacement_norm, grad_norm / (grad_norm + EPS))
+        cosine = inner_product_(step, params, grads, raw_norm / displacement_norm, grad_norm / (grad_norm + EPS))
         theta = torch.arccos(torch.clamp(cosine, -1.0, 1.0))
         if search:
             self._search(step, theta)
@@ -191,11 +191,11 @@ def _weights_of(alpha: float, theta: float) -> tuple[float, float]:
     return math.sin((1 - alpha) * theta) / sin_theta, math.sin(alpha * theta) / sin_theta
 
 
-def inner_product_(a: list[Tensor], b: list[Tensor], norm_a: Tensor, norm_b: Tensor) -> Tensor:
+def inner_product_(step: StepTensors, a: list[Tensor], b: list[Tensor], norm_a: Tensor, norm_b: Tensor) -> Tensor:
     """``<a, b>`` from the norms, with foreach passes only (no Python loop over tensors, nothing allocated):
     ``(||a||^2 + ||b||^2 - ||a - b||^2) / 2``. ``a`` is turned into ``a - b`` and back into ``a`` (up to one rounding
-    per element); the norm is accumulated in at least fp32 (:func:`~lightning_sam.tensor_ops.global_norm`)."""
+    per element); the norm is ``step.norm`` (accumulated in at least fp32, global over shards)."""
     torch._foreach_sub_(a, b)
-    chord = global_norm(a)
+    chord = step.norm(a)
     torch._foreach_add_(a, b)
     return (norm_a * norm_a + norm_b * norm_b - chord * chord) / 2

@@ -1,0 +1,189 @@
+"""The sharded-training cases (tests/test_sharded.py): one model, its data, and how each case configures SAM.
+
+A case runs under one of three layouts:
+
+* ``fsdp``: ModelParallelStrategy(data_parallel_size=2), ``fully_shard`` on every Linear and on the root; rank ``r``
+  trains on its own half of each batch;
+* ``tp``: ModelParallelStrategy(tensor_parallel_size=2), the first Linear column-wise and the second row-wise
+  (the LayerNorm and the head stay plain tensors, held whole by both ranks); both ranks see the whole batch;
+* ``single-fsdp`` / ``single-tp``: one process on the union of what the ranks of that layout see (fsdp: batch ``i``
+  = rank 0's batch ``i`` then rank 1's): the reference the sharded run must equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sam import SAMCallback, SAMMixin
+
+SAMPLES, RANK_BATCH, FEATURES, CLASSES = 64, 8, 8, 3
+
+
+@dataclass
+class Case:
+    variant: str
+    options: dict[str, Any] = field(default_factory=dict)
+    mixin: bool = False
+    precision: str = "32-true"
+    epochs: int = 2
+    optimizer: str = "sgd"
+    sam: bool = True  # False: the same training without SAM
+
+    def without_sam(self) -> Case:
+        """The same run with plain optimizer steps (no callback; the mixin's module runs plain steps)."""
+        return Case(self.variant, self.options, False, self.precision, self.epochs, self.optimizer, sam=False)
+
+
+CASES = {
+    "sam": Case("sam"),
+    "asam": Case("asam"),
+    "fsam": Case("fsam", {"adaptive": True}),
+    "looksam": Case("looksam", {"k": 2}),
+    "xsam": Case("xsam", {"steps": 2, "alpha_every": 3}),
+    "interval": Case("sam", {"interval": 2}),
+    "mixin_fsam": Case("fsam", mixin=True, optimizer="adamw"),
+    "bf16": Case("sam", {"rho": 0.2}, precision="bf16-mixed"),
+    "bf16_true": Case("fsam", {"rho": 0.2}, precision="bf16-true"),
+    # refused at setup, before the first step, with a message that says what to do
+    "refuse_ssam": Case("ssam", {"mask": "dst"}),
+    "refuse_bar": Case("bar", {"pairs": [("net.0.weight", "net.2.weight")], "total_steps": 8}),
+    "refuse_local_ascent": Case("sam", {"sync_ascent": False}),
+}
+
+
+def build_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(FEATURES, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.LayerNorm(16),
+        nn.Tanh(),
+        nn.Linear(16, CLASSES),
+    )
+
+
+def shard(net: nn.Sequential, layout: str, mesh: Any) -> None:
+    """Apply the layout's parallelism to ``net`` (in ``configure_model``)."""
+    if layout == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh["data_parallel"])
+        fully_shard(net, mesh=mesh["data_parallel"])
+    elif layout == "tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(net, mesh["tensor_parallel"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+class Net(L.LightningModule):
+    def __init__(self, case: Case, layout: str) -> None:
+        super().__init__()
+        self.case, self.layout = case, layout
+        self.net = build_net()
+
+    def configure_model(self) -> None:
+        shard(self.net, self.layout, self.device_mesh)
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(self.layout, self.global_rank)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.case.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class MixinNet(SAMMixin, Net):
+    def __init__(self, case: Case, layout: str) -> None:
+        super().__init__(case, layout)
+        self.automatic_optimization = False
+        self.configure_sam(case.variant, **case.options)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return self.sam_step(lambda: F.cross_entropy(self.net(x), y))
+
+
+def data() -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(SAMPLES, FEATURES, generator=generator)
+    return x, torch.randint(0, CLASSES, (SAMPLES,), generator=generator)
+
+
+def loader(layout: str, rank: int) -> DataLoader:
+    """What ``rank`` trains on under ``layout``; ``single-fsdp`` / ``single-tp``: what the ranks of that layout train
+    on together (fsdp: batch ``i`` is rank 0's batch ``i``, then rank 1's)."""
+    x, y = data()
+    half = SAMPLES // 2
+    if layout == "fsdp":
+        part = slice(rank * half, (rank + 1) * half)
+        return DataLoader(TensorDataset(x[part], y[part]), batch_size=RANK_BATCH)
+    if layout in ("tp", "single-tp"):
+        return DataLoader(TensorDataset(x[:half], y[:half]), batch_size=RANK_BATCH)
+    # single-fsdp, the union: batch i = rank 0's batch i, then rank 1's batch i
+    starts = [start + offset for start in range(0, half, RANK_BATCH) for offset in (0, half)]
+    order = torch.cat([torch.arange(start, start + RANK_BATCH) for start in starts])
+    return DataLoader(TensorDataset(x[order], y[order]), batch_size=2 * RANK_BATCH)
+
+
+def trainer_for(case: Case, layout: str, root: Path, **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_epochs": case.epochs,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": root,
+        "use_distributed_sampler": False,
+        "precision": case.precision,
+        "callbacks": [SAMCallback(case.variant, **case.options)] if case.sam and not case.mixin else [],
+    }
+    if layout in ("fsdp", "tp"):
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        dp, tp = (2, 1) if layout == "fsdp" else (1, 2)
+        options.update(devices=2, strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp))
+    else:
+        options.update(devices=1)
+    if case.precision == "16-mixed-cpu":
+        options.pop("precision")
+        options["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def full_weights(module: nn.Module) -> dict[str, Tensor]:
+    """Every parameter whole (DTensors gathered), detached, on CPU."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
+        for name, p in module.named_parameters()
+    }
+
+
+def fit(case: Case, layout: str, root: Path, **kwargs: Any) -> tuple[dict[str, Tensor], dict[str, float], int]:
+    """Train ``case`` under ``layout``; returns the full weights, the logged metrics and the global rank."""
+    trainer = trainer_for(case, layout, root, **kwargs)
+    module = (MixinNet if case.mixin else Net)(case, layout)
+    trainer.fit(module)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return full_weights(module.net), metrics, trainer.global_rank
