@@ -37,9 +37,11 @@ class Case:
     epochs: int = 2
     optimizer: str = "sgd"
     sam: bool = True  # False: the same training without SAM
+    save_every_epoch: bool = False  # a ModelCheckpoint at every epoch end (in <root>/checkpoints)
+    resume_from: str | None = None  # resume from the epoch-0 checkpoint of this case (run first, same out dir)
 
     def without_sam(self) -> Case:
-        """The same run with plain optimizer steps (no callback; the mixin's module runs plain steps)."""
+        """The same run with plain optimizer steps (automatic optimization, no callback)."""
         return Case(self.variant, self.options, False, self.precision, self.epochs, self.optimizer, sam=False)
 
 
@@ -53,6 +55,12 @@ CASES = {
     "mixin_fsam": Case("fsam", mixin=True, optimizer="adamw"),
     "bf16": Case("sam", {"rho": 0.2}, precision="bf16-mixed"),
     "bf16_true": Case("fsam", {"rho": 0.2}, precision="bf16-true"),
+    # resume at an epoch boundary: per-shard state (F-SAM's EMA, LookSAM's g_v) through Lightning's distributed
+    # checkpoint; the resumed run must end bit-identical to the uninterrupted one
+    "fsam_straight": Case("fsam", epochs=3, save_every_epoch=True),
+    "fsam_resumed": Case("fsam", epochs=3, resume_from="fsam_straight"),
+    "looksam_straight": Case("looksam", {"k": 3}, epochs=3, save_every_epoch=True),
+    "looksam_resumed": Case("looksam", {"k": 3}, epochs=3, resume_from="looksam_straight"),
     # refused at setup, before the first step, with a message that says what to do
     "refuse_ssam": Case("ssam", {"mask": "dst"}),
     "refuse_bar": Case("bar", {"pairs": [("net.0.weight", "net.2.weight")], "total_steps": 8}),
@@ -166,6 +174,12 @@ def trainer_for(case: Case, layout: str, root: Path, **kwargs: Any) -> L.Trainer
     if case.precision == "16-mixed-cpu":
         options.pop("precision")
         options["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+    if case.save_every_epoch:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        options["enable_checkpointing"] = True
+        checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_top_k=-1, every_n_epochs=1)
+        options["callbacks"] = [*options["callbacks"], checkpoint]
     options.update(kwargs)
     return L.Trainer(**options)
 
@@ -184,6 +198,9 @@ def fit(case: Case, layout: str, root: Path, **kwargs: Any) -> tuple[dict[str, T
     """Train ``case`` under ``layout``; returns the full weights, the logged metrics and the global rank."""
     trainer = trainer_for(case, layout, root, **kwargs)
     module = (MixinNet if case.mixin else Net)(case, layout)
-    trainer.fit(module)
+    ckpt_path = None
+    if case.resume_from is not None:
+        ckpt_path = str(next((root.parent / case.resume_from / "checkpoints").glob("epoch=0-*")))
+    trainer.fit(module, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return full_weights(module.net), metrics, trainer.global_rank

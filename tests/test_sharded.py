@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 TRAINED = ["sam", "asam", "fsam", "looksam", "xsam", "interval", "mixin_fsam", "bf16", "bf16_true"]
 REFUSED = ["refuse_ssam", "refuse_bar", "refuse_local_ascent"]
+RESUMED = ["fsam_straight", "fsam_resumed", "looksam_straight", "looksam_resumed"]
 # fp32: the sharded run sums the same products in another order (reduce-scatter, shard norms); bf16: a batch of 8
 # instead of 16 per matmul rounds differently (bf16-true: a few ulps of bf16 weights, 2**-7 each for weights in [1, 2))
 TOLERANCE = {"bf16": 5e-3, "bf16_true": 1e-2}
@@ -37,7 +38,7 @@ def run_sharded(layout: str, cases: list[str], out_dir) -> dict:
 def sharded_runs(request, tmp_path_factory):
     layout = request.param
     out = tmp_path_factory.mktemp(layout)
-    return layout, out, run_sharded(layout, TRAINED + REFUSED, out)
+    return layout, out, run_sharded(layout, TRAINED + REFUSED + RESUMED, out)
 
 
 @pytest.mark.parametrize("case", TRAINED)
@@ -66,3 +67,22 @@ def test_what_sharded_training_does_not_support_is_refused_at_setup(sharded_runs
     _, _, results = sharded_runs
     assert "error" in results[case], f"{case} trained instead of refusing"
     assert __import__("re").search(message, results[case]["error"]), results[case]["error"]
+
+
+@pytest.mark.parametrize("variant", ["fsam", "looksam"])
+def test_resume_at_an_epoch_boundary_is_exact_with_every_ranks_shard_state(sharded_runs, variant):
+    """Lightning's distributed checkpoint writes the callback states from rank 0 only (``meta.pt``): the engine's
+    per-shard state of every rank travels there, and each rank resumes its own."""
+    layout, out, results = sharded_runs
+    straight, resumed = results[f"{variant}_straight"]["weights"], results[f"{variant}_resumed"]["weights"]
+    for name, weight in straight.items():
+        assert torch.equal(weight, resumed[name]), f"{layout} {variant} {name}"
+    checkpoint = next((out / f"{variant}_straight" / "checkpoints").glob("epoch=0-*"))
+    meta = torch.load(checkpoint / "meta.pt", weights_only=False)
+    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("SAMCallback")]
+    per_rank = state["engine_per_rank"]
+    assert len(per_rank) == 2
+    buffers = "ema" if variant == "fsam" else "g_v"
+    ranks = [per_rank[r]["variant_state"][buffers] for r in range(2)]
+    # the shards differ between the ranks (different slices of the same weights)
+    assert any(not torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
