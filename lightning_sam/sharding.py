@@ -52,7 +52,7 @@ def holders(tensor: Tensor, world: int) -> int:
                 "it is not the global gradient SAM perturbs along. Reduce it in the model's parallel plan (e.g. "
                 "tensor parallel's output layouts) so that gradients take their parameters' placements."
             )
-        if placement.is_shard():
+        if not placement.is_replicate():  # Shard, or FSDP2's _StridedShard of a 2-D (FSDP + TP) mesh
             shards *= tensor.device_mesh.size(dim)
     if world % shards:
         raise RuntimeError(f"a DTensor is sharded over {shards} ranks, which does not divide the world of {world}")

@@ -6,7 +6,8 @@ A case runs under one of three layouts:
   trains on its own half of each batch;
 * ``tp``: ModelParallelStrategy(tensor_parallel_size=2), the first Linear column-wise and the second row-wise
   (the LayerNorm and the head stay plain tensors, held whole by both ranks); both ranks see the whole batch;
-* ``single-fsdp`` / ``single-tp``: one process on the union of what the ranks of that layout see (fsdp: batch ``i``
+* ``fsdp_tp``: both on 4 ranks (2 x 2 mesh): tensor parallel inside each data-parallel pair, FSDP2 across;
+* ``single-<layout>``: one process on the union of what the ranks of that layout see (fsdp: batch ``i``
   = rank 0's batch ``i`` then rank 1's): the reference the sharded run must equal.
 """
 
@@ -47,6 +48,7 @@ class Case:
 
 CASES = {
     "sam": Case("sam"),
+    "plain": Case("sam", sam=False),
     "asam": Case("asam"),
     "fsam": Case("fsam", {"adaptive": True}),
     "looksam": Case("looksam", {"k": 2}),
@@ -81,18 +83,19 @@ def build_net() -> nn.Sequential:
 
 
 def shard(net: nn.Sequential, layout: str, mesh: Any) -> None:
-    """Apply the layout's parallelism to ``net`` (in ``configure_model``)."""
-    if layout == "fsdp":
+    """Apply the layout's parallelism to ``net`` (in ``configure_model``); ``fsdp_tp``: tensor parallel inside each
+    data-parallel group, then FSDP2 over the groups (a 2-D mesh)."""
+    if layout in ("tp", "fsdp_tp"):
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(net, mesh["tensor_parallel"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    if layout in ("fsdp", "fsdp_tp"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in net:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh["data_parallel"])
         fully_shard(net, mesh=mesh["data_parallel"])
-    elif layout == "tp":
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-        parallelize_module(net, mesh["tensor_parallel"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
 
 
 class Net(L.LightningModule):
@@ -105,7 +108,8 @@ class Net(L.LightningModule):
         shard(self.net, self.layout, self.device_mesh)
 
     def train_dataloader(self) -> DataLoader:
-        return loader(self.layout, self.global_rank)
+        single = self.layout.startswith("single")
+        return loader(self.layout, 0 if single else self.device_mesh["data_parallel"].get_local_rank())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -139,7 +143,7 @@ def loader(layout: str, rank: int) -> DataLoader:
     on together (fsdp: batch ``i`` is rank 0's batch ``i``, then rank 1's)."""
     x, y = data()
     half = SAMPLES // 2
-    if layout == "fsdp":
+    if layout in ("fsdp", "fsdp_tp"):
         part = slice(rank * half, (rank + 1) * half)
         return DataLoader(TensorDataset(x[part], y[part]), batch_size=RANK_BATCH)
     if layout in ("tp", "single-tp"):
@@ -164,11 +168,11 @@ def trainer_for(case: Case, layout: str, root: Path, **kwargs: Any) -> L.Trainer
         "precision": case.precision,
         "callbacks": [SAMCallback(case.variant, **case.options)] if case.sam and not case.mixin else [],
     }
-    if layout in ("fsdp", "tp"):
+    if not layout.startswith("single"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        dp, tp = (2, 1) if layout == "fsdp" else (1, 2)
-        options.update(devices=2, strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp))
+        dp, tp = {"fsdp": (2, 1), "tp": (1, 2), "fsdp_tp": (2, 2)}[layout]
+        options.update(devices=dp * tp, strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp))
     else:
         options.update(devices=1)
     if case.precision == "16-mixed-cpu":
