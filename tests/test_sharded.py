@@ -101,3 +101,25 @@ def test_resume_at_an_epoch_boundary_is_exact_with_every_ranks_shard_state(shard
     ranks = [per_rank[r]["variant_state"][buffers] for r in range(2)]
     # the shards differ between the ranks (different slices of the same weights)
     assert any(not torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+
+
+def test_the_sharded_example_trains_on_two_ranks():
+    """examples/sharded_sam.py --quick: F-SAM under FSDP2 on 2 CPU ranks learns the digits, and each rank holds half
+    of the parameters and of SAM's state."""
+    pytest.importorskip("sklearn")
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "sharded_sam.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    completed = subprocess.run(
+        [sys.executable, example, "--quick"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2, completed.stdout
+    for line in lines:
+        accuracy = float(line.split("test accuracy ")[1].split(",")[0])
+        assert accuracy > 0.5, line  # 1 epoch; 10 classes
+        parameters = float(line.split("parameters ")[1].split(" MiB")[0])
+        saved = float(line.split("SAM saved copy ")[1].split(" MiB")[0])
+        state = float(line.split("fsam state ")[1].split(" MiB")[0])
+        assert saved == parameters == state  # everything SAM keeps is per shard
+        assert parameters < 0.6 * 0.13  # the whole MLP is ~0.13 MiB: each rank holds about half
