@@ -358,6 +358,13 @@ class SAMEngine:
         """
         from lightning_sam.step import TwoPassStep  # the driver imports the engine (for types only)
 
+        if self.sharded and no_sync is not None:
+            raise ValueError(
+                "SAMEngine.step: no_sync cannot be used with sharded parameters (FSDP2 / tensor parallel): a backward "
+                "without gradient sync leaves the shards' .grad unset, so the step would silently do nothing. Drop "
+                "no_sync: under FSDP2 every pass already gives the global gradient (SAMCallback does the same)."
+            )
+
         driver = TwoPassStep(self, NoScaling(skip_nonfinite=False), sync_ascent=sync_ascent)
         loss, _ = driver.run(optimizer, _ClosureReplay(closure, probe, no_sync))
         if optimizer is not None:
