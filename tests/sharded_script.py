@@ -40,3 +40,5 @@ def main(layout: str, out: Path, cases: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+    if torch.distributed.is_initialized():  # an orderly gloo teardown: exiting with it alive can abort (SIGABRT)
+        torch.distributed.destroy_process_group()
