@@ -100,7 +100,7 @@ class SAMEngine:
         if self.sharded:
             if not self.variant.supports_sharding:
                 raise ValueError(self.variant.sharding_message or f"{self.variant.name} does not support sharding")
-            self._reduction = ShardedReduction(self.params)
+            self._reduction = ShardedReduction.of(self.params)
             self.variant.sharded = True
             self.variant.per_rank_state = True  # each rank holds its shards' state
         self.variant.bind(list(self.names), list(self._locals))

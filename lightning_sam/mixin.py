@@ -148,7 +148,7 @@ class SAMMixin:
             grads, norm = gradients_of(raw), global_norm
             if driver.engine.sharded:  # DTensor gradients: clip the local shards by the norm over all of them
                 params = [p for group in raw.param_groups for p in group["params"] if p.grad is not None]
-                grads, norm = [local(g) for g in grads], ShardedReduction(params).norm
+                grads, norm = [local(g) for g in grads], ShardedReduction.of(params).norm
             clip_gradients_(grads, clip_value, clip_algorithm, scale=driver.precision.gradient_scale(), norm=norm)
         driver.before_optimizer_step(raw)
         optimizer.step()

@@ -63,30 +63,26 @@ class ShardedReduction:
     """Sums and norms over the shards of the tensors of one step (positions aligned with the step's parameters).
 
     Args:
-        parameters: the DTensor (or plain) parameters, in step order.
+        counts: per tensor, how many ranks hold each of its coordinates (:func:`holders`).
         all_reduce_sum_: the in-place SUM over every rank (default: the default process group).
     """
 
-    def __init__(
-        self, parameters: Sequence[Tensor], all_reduce_sum_: Callable[[Tensor], Tensor] = all_reduce_sum_
-    ) -> None:
-        world = world_size()
-        counts = [holders(p, world) for p in parameters]
+    def __init__(self, counts: Sequence[int], all_reduce_sum_: Callable[[Tensor], Tensor] = all_reduce_sum_) -> None:
         self.all_reduce_sum_ = all_reduce_sum_
-        self.counts = counts
+        self.counts = list(counts)
         # one common holder count (FSDP2 alone: every tensor sharded over every rank) needs no per-tensor weight
         self.uniform: int | None = counts[0] if counts and all(c == counts[0] for c in counts) else None
         self._weights: dict[torch.dtype, Tensor] = {}
 
+    @classmethod
+    def of(cls, parameters: Sequence[Tensor]) -> ShardedReduction:
+        """The reduction over ``parameters`` (DTensors or plain tensors, in step order)."""
+        world = world_size()
+        return cls([holders(p, world) for p in parameters])
+
     def subset(self, positions: Sequence[int]) -> ShardedReduction:
         """The same reduction over the tensors at ``positions`` only."""
-        reduction = object.__new__(ShardedReduction)
-        reduction.all_reduce_sum_ = self.all_reduce_sum_
-        reduction.counts = [self.counts[i] for i in positions]
-        counts = reduction.counts
-        reduction.uniform = counts[0] if counts and all(c == counts[0] for c in counts) else None
-        reduction._weights = {}
-        return reduction
+        return ShardedReduction([self.counts[i] for i in positions], self.all_reduce_sum_)
 
     def total(self, per_tensor: Tensor) -> Tensor:
         """``sum_i per_tensor[i]`` over the tensors and all their shards (``per_tensor[i]``: this rank's partial sum
