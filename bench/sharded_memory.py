@@ -1,7 +1,8 @@
 """SAM's extra memory per rank under DDP and under FSDP2 (a benchmark script, not a test).
 
 Two gloo processes on the CPU train the same model for a few optimizer steps with ``SAMCallback(variant)``, for the
-variants ``sam`` and ``fsam``, under two strategies:
+variants ``sam``, ``fsam`` and ``ssam`` (Fisher mask from each rank's first batch, sparsity 0.5), under two
+strategies:
 
 * ``ddp``: ``Trainer(strategy="ddp", devices=2)``: every rank holds every parameter whole;
 * ``fsdp2``: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``fully_shard`` on every
@@ -15,8 +16,9 @@ last step, with the engine's state fully allocated):
   DTensor, the whole tensor under DDP);
 * **SAM saved copy per rank**: the engine's copy of the weights, ``engine._saved_views`` (views of one flat buffer
   per device and dtype): ``untyped_storage().nbytes()`` of the distinct storages (deduplicated by ``data_ptr()``);
+  SSAM saves the kept coordinates only, in its own buffers (``variant._saved``);
 * **variant state per rank**: F-SAM's EMA of the gradients, ``engine.variant._ema`` (name -> tensor), counted the
-  same way (none for ``sam``);
+  same way (none for ``sam``); SSAM's kept indices (int32) and its scratch buffer;
 * the model's total parameter count (global ``numel``, the same under both strategies).
 
 ``SAM extra`` is saved copy + variant state; the table gives it as a ratio of the rank's parameter bytes (about
@@ -61,8 +63,9 @@ import workloads as wl  # the shared models, batches and LightningModule of benc
 from lightning_sam import SAMCallback
 
 STRATEGIES = ("ddp", "fsdp2")
-VARIANTS = ("sam", "fsam")
+VARIANTS = ("sam", "fsam", "ssam")
 WORLD = 2
+OPTIONS = {"ssam": {"sparsity": 0.5, "mask_every": 100}}  # a Fisher mask from each rank's first batch
 MB = 2**20
 LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")  # set by Lightning's launcher for its child processes
 
@@ -98,8 +101,11 @@ class MemoryProbe(Callback):
         assert sam.driver is not None
         engine = sam.driver.engine
         params = list(pl_module.parameters())
-        saved = list(engine._saved_views or [])
-        ema = list(getattr(engine.variant, "_ema", {}).values())
+        variant = engine.variant
+        saved = list(engine._saved_views or []) + list(getattr(variant, "_saved", {}).values())
+        ema = list(getattr(variant, "_ema", {}).values())
+        ema += [i for i in getattr(variant, "_device_index", {}).values() if i is not None]  # SSAM's kept indices
+        ema += list(getattr(variant, "_scratch", {}).values())
         mine = {
             "rank": trainer.global_rank,
             "engine_steps": engine.step_count,
@@ -143,6 +149,10 @@ class ShardedModule(wl.BenchModule):
         return DataLoader(wl.Batches(batches[self.global_rank :: WORLD]), batch_size=None)
 
 
+def batch_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"num_samples": args.batch} if args.variant == "ssam" else {}
+
+
 def worker(args: argparse.Namespace) -> None:
     timing.quiet()
     torch.set_num_threads(1)  # two processes on two cores
@@ -166,7 +176,7 @@ def worker(args: argparse.Namespace) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[SAMCallback(args.variant), probe],
+        callbacks=[SAMCallback(args.variant, **OPTIONS.get(args.variant, {}), **batch_options(args)), probe],
     )
     start = time.perf_counter()
     trainer.fit(ShardedModule(spec, args.strategy, args.steps))

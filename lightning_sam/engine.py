@@ -36,10 +36,13 @@ from lightning_sam.precision import NoScaling
 from lightning_sam.sharding import (
     ShardedReduction,
     check_gradient_placements,
+    forward_tensor,
     fsdp_modules,
+    fsdp_parameters,
     is_sharded,
     local,
     resharding,
+    sum_to_shard,
 )
 from lightning_sam.tensor_ops import EPS, widen, widened_dtype
 from lightning_sam.variants import StepTensors, Variant, VariantInfo, resolve_variant, variant_info
@@ -103,6 +106,8 @@ class SAMEngine:
             self._reduction = ShardedReduction.of(self.params)
             self.variant.sharded = True
             self.variant.per_rank_state = True  # each rank holds its shards' state
+            self.variant.shard_sources = list(self.params)
+            self.variant.reduction = self._reduction
         self.variant.bind(list(self.names), list(self._locals))
         self._saved_views: list[Tensor] | None = None
         self._cache_key: tuple[int, ...] | None = None
@@ -111,6 +116,11 @@ class SAMEngine:
         self._active_sources: list[Tensor] = []  # the parameters (DTensors when sharded) of the active step
         # FSDP2 modules to reshard after each loss probe (set by from_optimizer; see sharding.resharding)
         self.fsdp_modules: list[torch.nn.Module] = []
+        # sharded per-sample gradients (SSAM's Fisher mask): FSDP2's record of each parameter (by id) and the process
+        # group of the data-parallel ranks, over which the squared gradients are summed (set by from_optimizer and
+        # the adapters; None: no data parallelism outside FSDP2, e.g. tensor parallel alone)
+        self.fsdp_params: dict[int, Any] = {}
+        self.data_parallel_group: Any | None = None
         self._perturbed = False
         self.step_count = 0
         self.last_perturbation_norm: Tensor | None = None
@@ -159,6 +169,9 @@ class SAMEngine:
             )
         engine = cls(groups, variant, rho, interval=interval, **variant_options)
         engine.fsdp_modules = fsdp_modules(module) if engine.sharded else []
+        engine.fsdp_params = fsdp_parameters(engine.fsdp_modules)
+        if engine.fsdp_params:  # FSDP2 shards over the data-parallel ranks
+            engine.data_parallel_group = next(iter(engine.fsdp_params.values())).mesh_info.shard_process_group
         return engine
 
     # ------------------------------------------------------------------ properties
@@ -278,19 +291,48 @@ class SAMEngine:
         trained = [(i, p) for i, p in enumerate(self.params) if p.requires_grad]
         if not trained:  # everything frozen: no gradient to collect (the steps are plain until something trains)
             return 0
-        sums = [torch.zeros(p.shape, dtype=widened_dtype(p.dtype), device=p.device) for p in self.params]
+        if self.sharded:
+            sums = self._sharded_squared_gradients(loss_of_slice, wanted, chunk, trained)
+        else:
+            sums = [torch.zeros(p.shape, dtype=widened_dtype(p.dtype), device=p.device) for p in self.params]
+            for start in range(0, wanted, chunk):
+                stop = min(start + chunk, wanted)
+                with torch.enable_grad():
+                    loss = loss_of_slice(start, stop)
+                    grads = torch.autograd.grad(loss, [p for _, p in trained], allow_unused=True)
+                present = [(sums[i], widen(g)) for (i, _), g in zip(trained, grads) if g is not None]
+                if present:
+                    targets, values = zip(*present)
+                    torch._foreach_addcmul_(list(targets), list(values), list(values))
+        self.variant.refresh_seconds += time.perf_counter() - started
+        self.variant.add_squared_gradients_(sums, wanted, self.step_count)
+        return wanted
+
+    def _sharded_squared_gradients(
+        self, loss_of_slice: Callable[[int, int], Tensor], wanted: int, chunk: int, trained: list[tuple[int, Tensor]]
+    ) -> list[Tensor]:
+        """Per-sample squared gradients under FSDP2 / tensor parallel, summed over the data-parallel ranks, as each
+        rank's shards. The gradients are taken with respect to the tensors the forward computes with (FSDP2's
+        unsharded parameters: no reduce-scatter, the sharded ``.grad`` untouched); each rank sums the squares of its
+        own samples, then one all-reduce per tensor over the data-parallel ranks and this rank's chunk (as a DDP
+        rank's Fisher sums are all-reduced). Transiently holds one unsharded gradient and sum per tensor."""
+        sums: list[Tensor] = []
         for start in range(0, wanted, chunk):
             stop = min(start + chunk, wanted)
             with torch.enable_grad():
                 loss = loss_of_slice(start, stop)
-                grads = torch.autograd.grad(loss, [p for _, p in trained], allow_unused=True)
-            present = [(sums[i], widen(g)) for (i, _), g in zip(trained, grads) if g is not None]
-            if present:
-                targets, values = zip(*present)
-                torch._foreach_addcmul_(list(targets), list(values), list(values))
-        self.variant.refresh_seconds += time.perf_counter() - started
-        self.variant.add_squared_gradients_(sums, wanted, self.step_count)
-        return wanted
+                inputs = [forward_tensor(p, self.fsdp_params.get(id(p))) for _, p in trained]
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            if not sums:
+                sums = [torch.zeros(local(x).shape, dtype=widened_dtype(x.dtype), device=x.device) for x in inputs]
+            for total, g in zip(sums, grads):
+                if g is not None:
+                    value = widen(local(g))
+                    total.addcmul_(value, value)
+        shards = [torch.zeros(p.shape, dtype=widened_dtype(p.dtype), device=p.device) for p in self._locals]
+        for (i, p), total in zip(trained, sums):
+            shards[i] = sum_to_shard(total, p, self.fsdp_params.get(id(p)), self.data_parallel_group)
+        return shards
 
     @property
     def has_before_step(self) -> bool:

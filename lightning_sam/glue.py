@@ -112,6 +112,10 @@ def build_driver(
     engine = SAMEngine.from_optimizer(
         optimizer, module, variant_for_run(trainer, settings.spec), **settings.engine_options
     )
+    if engine.sharded:  # the ranks whose batches differ: SSAM's Fisher sums add up over them
+        mesh = getattr(trainer.strategy, "device_mesh", None)
+        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+            engine.data_parallel_group = mesh["data_parallel"].get_group()
     if state:
         engine.load_state_dict(engine_state_for_this_rank(state))
     if engine.variant.setup_message:

@@ -25,7 +25,9 @@ class StepMetrics:
     variant's metrics (``<name>_step``). At the end of each epoch, on a single process: ``<name>_epoch``, the mean of
     the values recorded in the epoch (``sam/sharpness``: every SAM step whose update was not skipped; the others:
     the logging steps). Under DDP the values are rank-local and logged per step only (an epoch mean would need a
-    reduction); loggers record rank 0's.
+    reduction); loggers record rank 0's. On sharded parameters (FSDP2, tensor parallel) every value is global:
+    norms and mask counts are reduced over the shards by the engine, and ``sam/sharpness`` is averaged over the
+    ranks (``sync_dist``: one all-reduce on the logging steps), as the loss of the union batch would be.
     """
 
     def __init__(self) -> None:
@@ -55,7 +57,8 @@ class StepMetrics:
             self._sums[name] = value if name not in self._sums else self._sums[name] + value.to(self._sums[name])
             self._counts[name] = self._counts.get(name, 0) + 1
             if logging:
-                pl_module.log(f"{name}_step", value, on_step=True, on_epoch=False)
+                sync = engine.sharded and name == "sam/sharpness"  # the others are global already
+                pl_module.log(f"{name}_step", value, on_step=True, on_epoch=False, sync_dist=sync)
 
     def epoch_end(self, pl_module: LightningModule) -> None:
         """Log the epoch means (single process) and start a new epoch."""

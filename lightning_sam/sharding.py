@@ -15,6 +15,7 @@ counted twice. ``Partial`` gradients (not yet reduced) are refused: they would n
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,6 +100,16 @@ class ShardedReduction:
             local_sum = (per_tensor * weights).sum()
         return self.all_reduce_sum_(local_sum)
 
+    def totals(self, per_tensor: Tensor) -> Tensor:
+        """Per tensor, ``per_tensor[i]`` summed over all its shards, each coordinate counted once (a vector, one
+        all-reduce, no host sync): e.g. the squared norm of each tensor of a pair."""
+        if self.uniform is not None:
+            partial = per_tensor / self.uniform if self.uniform != 1 else per_tensor.clone()
+        else:
+            counts = torch.tensor(self.counts, dtype=per_tensor.dtype, device=per_tensor.device)
+            partial = per_tensor / counts
+        return self.all_reduce_sum_(partial)
+
     def norm(self, tensors: Sequence[Tensor]) -> Tensor:
         """The L2 norm of ``tensors`` (local shards, in step order) over all shards, in their accumulation dtype."""
         tensors = list(tensors)
@@ -157,3 +168,49 @@ def resharding(evaluate: Callable[[], Tensor], modules: Sequence[torch.nn.Module
                 module.reshard()  # type: ignore[operator]
 
     return probe
+
+
+def fsdp_parameters(modules: Sequence[torch.nn.Module]) -> dict[int, Any]:
+    """``id(parameter) -> FSDPParam`` for every parameter FSDP2 manages in ``modules`` (torch's internal record of
+    how a parameter is sharded; the per-sample gradients of SSAM's Fisher mask need its unsharded parameter)."""
+    found: dict[int, Any] = {}
+    for module in modules:
+        group = module._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
+        for fsdp_param in group.fsdp_params if group is not None else []:
+            found[id(fsdp_param.sharded_param)] = fsdp_param
+    return found
+
+
+def forward_tensor(parameter: Tensor, fsdp_param: Any | None) -> Tensor:
+    """The tensor a forward computes with: FSDP2's unsharded parameter (valid after a forward), else ``parameter``.
+
+    ``torch.autograd.grad`` with respect to it gives the whole (or, under tensor parallel, the TP-local) gradient of
+    this rank's loss without a reduce-scatter, and FSDP2 leaves the sharded ``.grad`` untouched."""
+    return parameter if fsdp_param is None else fsdp_param._unsharded_param
+
+
+def sum_to_shard(total: Tensor, parameter: Tensor, fsdp_param: Any | None, data_parallel: Any | None) -> Tensor:
+    """``total`` (a per-rank sum laid out as :func:`forward_tensor`'s local tensor, e.g. squared per-sample
+    gradients) summed over the data-parallel ranks, as this rank's shard of ``parameter``.
+
+    FSDP2 parameters: an all-reduce over the FSDP mesh (and the replicate mesh of HSDP), then this rank's chunk, as
+    FSDP2 cuts it (``torch.chunk`` along its shard dim). Other parameters: an all-reduce over ``data_parallel``
+    (a process group; ``None``: nothing to sum, as under tensor parallel alone, where every rank sees the batch)."""
+    import torch.distributed as dist
+
+    if fsdp_param is not None:
+        info = fsdp_param.mesh_info
+        for group in (info.shard_process_group, getattr(info, "replicate_process_group", None)):
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(total, group=group)
+        chunks = torch.chunk(total, info.shard_mesh_size, dim=fsdp_param.fsdp_placement.dim)
+        rank = info.shard_mesh_rank
+        total = chunks[rank].clone() if rank < len(chunks) else total.new_zeros(local(parameter).shape)
+    elif data_parallel is not None and dist.get_world_size(data_parallel) > 1:
+        dist.all_reduce(total, group=data_parallel)
+    if total.shape != local(parameter).shape:
+        raise RuntimeError(
+            f"a per-sample gradient sum of shape {tuple(total.shape)} does not match the rank's shard "
+            f"{tuple(local(parameter).shape)}: this sharding layout is not supported by SSAM's Fisher mask"
+        )
+    return total

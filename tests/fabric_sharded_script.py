@@ -42,7 +42,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sam": {},
     "fsam": {},
     "xsam": {"alpha_every": 3},  # alpha searches at steps 0, 3 and 6: forward-only loss probes through FSDP2
+    # Fisher masks at steps 0, 2, 4, 6 from each rank's 8 samples (per-sample gradients through FSDP2's unsharded
+    # parameters, summed over the ranks): the one process takes the union batch's 16
+    "ssam": {"sparsity": 0.7, "num_samples": 8, "mask_every": 2},
 }
+UNION_OPTIONS: dict[str, dict[str, Any]] = {"ssam": {"num_samples": 16}}
 EPOCHS = 2
 
 
@@ -79,6 +83,8 @@ def train(fabric: Fabric, variant: str, options: dict[str, Any]) -> dict[str, An
             def probe(x: Tensor = x, y: Tensor = y) -> Tensor:
                 return F.cross_entropy(model(x), y)  # forward only (XSAM's alpha search)
 
+            if engine.samples_needed():  # SSAM's Fisher mask, before pass 1
+                engine.collect_samples(lambda i, j, x=x, y=y: F.cross_entropy(model(x[i:j]), y[i:j]), len(x))
             losses.append(float(engine.step(closure, optimizer, probe=probe).detach()))
             assert not engine.is_perturbed
     try:  # no_sync would leave the shards without gradients: refused before any pass runs

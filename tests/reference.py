@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_sam.sharded_selection import random_keys
+
 EPS = 1e-12
 
 
@@ -151,7 +153,7 @@ class ReferenceSSAM:
         self.kind, self.pattern, self.n, self.m = mask, pattern, n, m
         self.num_samples, self.mask_every, self.drop_rate = num_samples, mask_every, drop_rate
         self.total_steps = total_steps
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.draws = seed, 0
         self.shapes = [p.shape for p in model.parameters()]
         self.sizes = [p.numel() for p in model.parameters()]
         self.total = sum(self.sizes)
@@ -162,9 +164,16 @@ class ReferenceSSAM:
             self.mask = set(range(self.total))
         elif mask == "dst":
             k = round(self.total * (1 - sparsity))
-            self.mask = set(torch.randperm(self.total, generator=self.generator)[:k].tolist())
+            self.mask = set(self._random_order(range(self.total), draw=0)[:k])
 
     # -- selection
+    def _random_order(self, indices, draw):
+        """``indices`` in a uniformly random order: by the library's random key of (seed, draw, index), the random
+        number generator of DST (as torch.randperm with a seeded generator would be), then by index."""
+        indices = list(indices)
+        keys = random_keys(torch.tensor(indices, dtype=torch.long), self.seed, draw).tolist()
+        return [i for _, i in sorted(zip(keys, indices))]
+
     def _flat(self, tensors):
         values = []
         for t in tensors:
@@ -230,7 +239,8 @@ class ReferenceSSAM:
             return
         dropped = set(sorted(live, key=lambda i: (magnitudes[i], i))[:k])
         dead = [i for i in range(self.total) if i not in self.mask]
-        grown = [dead[j] for j in torch.randperm(len(dead), generator=self.generator)[:k].tolist()]
+        self.draws += 1
+        grown = self._random_order(dead, draw=self.draws)[:k]
         self.mask = (self.mask - dropped) | set(grown)
 
     def perturbation(self, step, grads):

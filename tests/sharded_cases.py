@@ -40,10 +40,21 @@ class Case:
     sam: bool = True  # False: the same training without SAM
     save_every_epoch: bool = False  # a ModelCheckpoint at every epoch end (in <root>/checkpoints)
     resume_from: str | None = None  # resume from the epoch-0 checkpoint of this case (run first, same out dir)
+    union_options: dict[str, Any] = field(default_factory=dict)  # options of the one-process run on the union batch
+
+    def options_for(self, layout: str) -> dict[str, Any]:
+        """The variant's options under ``layout`` (the one process on the data-parallel union may differ: SSAM's
+        ``num_samples`` counts per data-parallel rank)."""
+        union = layout.startswith("single") and layout != "single-tp"
+        return {**self.options, **self.union_options} if union else dict(self.options)
 
     def without_sam(self) -> Case:
         """The same run with plain optimizer steps (automatic optimization, no callback)."""
         return Case(self.variant, self.options, False, self.precision, self.epochs, self.optimizer, sam=False)
+
+
+# SSAM's Fisher mask from 8 samples per data-parallel rank (each rank's whole batch) = 16 on the union batch
+FISHER = {"sparsity": 0.7, "num_samples": RANK_BATCH, "mask_every": 2}
 
 
 CASES = {
@@ -63,9 +74,23 @@ CASES = {
     "fsam_resumed": Case("fsam", epochs=3, resume_from="fsam_straight"),
     "looksam_straight": Case("looksam", {"k": 3}, epochs=3, save_every_epoch=True),
     "looksam_resumed": Case("looksam", {"k": 3}, epochs=3, resume_from="looksam_straight"),
+    # SSAM: masks selected over every shard (exact density, the one-process run's masks), Fisher sums over the
+    # data-parallel ranks, sparsity 0 = SAM
+    "ssam_fisher": Case("ssam", FISHER, union_options={"num_samples": 2 * RANK_BATCH}),
+    "ssam_structured": Case(
+        "ssam", {**FISHER, "pattern": "structured", "sparsity": 0.5}, union_options={"num_samples": 2 * RANK_BATCH}
+    ),
+    "ssam_nm": Case("ssam", {**FISHER, "pattern": "n:m"}, union_options={"num_samples": 2 * RANK_BATCH}),
+    "ssam_dst": Case("ssam", {"mask": "dst", "sparsity": 0.7, "mask_every": 2}),
+    "ssam_zero": Case("ssam", {"sparsity": 0.0}),
+    "ssam_dst_straight": Case(
+        "ssam", {"mask": "dst", "sparsity": 0.6, "mask_every": 3}, epochs=3, save_every_epoch=True
+    ),
+    "ssam_dst_resumed": Case(
+        "ssam", {"mask": "dst", "sparsity": 0.6, "mask_every": 3}, epochs=3, resume_from="ssam_dst_straight"
+    ),
     # refused at setup, before the first step, with a message that says what to do
-    "refuse_ssam": Case("ssam", {"mask": "dst"}),
-    "refuse_bar": Case("bar", {"pairs": [("net.0.weight", "net.2.weight")], "total_steps": 8}),
+    "refuse_ssam_nm": Case("ssam", {**FISHER, "pattern": "n:m"}),  # tensor parallel: row-wise splits the inputs
     "refuse_local_ascent": Case("sam", {"sync_ascent": False}),
 }
 
@@ -125,7 +150,7 @@ class MixinNet(SAMMixin, Net):
     def __init__(self, case: Case, layout: str) -> None:
         super().__init__(case, layout)
         self.automatic_optimization = False
-        self.configure_sam(case.variant, **case.options)
+        self.configure_sam(case.variant, **case.options_for(layout))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -163,10 +188,11 @@ def trainer_for(case: Case, layout: str, root: Path, **kwargs: Any) -> L.Trainer
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,  # the metrics of the last step (global values) are compared
         "default_root_dir": root,
         "use_distributed_sampler": False,
         "precision": case.precision,
-        "callbacks": [SAMCallback(case.variant, **case.options)] if case.sam and not case.mixin else [],
+        "callbacks": [SAMCallback(case.variant, **case.options_for(layout))] if case.sam and not case.mixin else [],
     }
     if not layout.startswith("single"):
         from lightning.pytorch.strategies import ModelParallelStrategy

@@ -13,20 +13,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from sharded_cases import CASES, fit
+from sharded_cases import CASES, build_net, fit
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_script.py")
 pytestmark = pytest.mark.slow
 
-TRAINED = ["sam", "asam", "fsam", "looksam", "xsam", "interval", "mixin_fsam", "bf16", "bf16_true"]
-REFUSED = ["refuse_ssam", "refuse_bar", "refuse_local_ascent"]
+SSAM = ["ssam_fisher", "ssam_structured", "ssam_dst", "ssam_zero"]
+TRAINED = ["sam", "asam", "fsam", "looksam", "xsam", "interval", "mixin_fsam", "bf16", "bf16_true", *SSAM, "ssam_nm"]
+REFUSED = ["refuse_local_ascent"]
 RESUMED = ["fsam_straight", "fsam_resumed", "looksam_straight", "looksam_resumed"]
+SSAM_RESUMED = ["ssam_dst_straight", "ssam_dst_resumed"]
 # the 2-D mesh (4 processes on CI's 2 cores) runs the cases that exercise its placements: _StridedShard and
 # Shard x Shard weights, Shard x Replicate biases, FSDP-only layers held by both TP ranks
 LAYOUT_CASES = {
-    "fsdp": TRAINED + REFUSED + RESUMED,
-    "tp": TRAINED + REFUSED + RESUMED,
-    "fsdp_tp": ["sam", "fsam", "xsam", "mixin_fsam", "fsam_straight", "fsam_resumed"],
+    "fsdp": TRAINED + REFUSED + RESUMED + SSAM_RESUMED,
+    "tp": [c for c in TRAINED if c != "ssam_nm"] + REFUSED + ["refuse_ssam_nm"] + RESUMED,
+    "fsdp_tp": ["sam", "fsam", "xsam", "mixin_fsam", "fsam_straight", "fsam_resumed", "ssam_fisher", "ssam_dst"],
 }
 # fp32: the sharded run sums the same products in another order (reduce-scatter, shard norms); bf16: a batch of 8
 # instead of 16 per matmul rounds differently (bf16-true: a few ulps of bf16 weights, 2**-7 each for weights in [1, 2))
@@ -52,19 +54,23 @@ def sharded_runs(request, tmp_path_factory):
 def case_of(sharded_runs, case: str) -> tuple[str, object, dict]:
     layout, out, results = sharded_runs
     if case not in results:
-        pytest.skip(f"{case} runs on the 2-rank layouts only")
+        pytest.skip(f"{case} does not run on the {layout} layout")
     return layout, out, results
 
 
 @pytest.mark.parametrize("case", TRAINED)
 def test_sharded_run_equals_one_process_on_the_union_batch(sharded_runs, case):
     layout, out, results = case_of(sharded_runs, case)
-    expected, _, _ = fit(CASES[case], f"single-{layout}", out / f"single-{case}")
+    expected, logged, _ = fit(CASES[case], f"single-{layout}", out / f"single-{case}")
     got = results[case]["weights"]
     tolerance = TOLERANCE.get(case, 1e-5)
     for name, weight in expected.items():
         difference = (got[name] - weight).abs().max().item()
         assert difference <= tolerance, f"{layout} {case} {name}: {difference:.3g} > {tolerance:.3g}"
+    # the logged metrics are global values: those of the one process on the union batch
+    for name, value in results[case]["metrics"].items():
+        if "seconds" not in name:
+            assert value == pytest.approx(logged[name], abs=max(tolerance, 1e-6)), f"{layout} {case} {name}"
     # the variant's effect is far above the tolerance: a sharded run that skipped SAM would fail the check above
     plain, _, _ = fit(CASES[case].without_sam(), f"single-{layout}", out / f"plain-{case}")
     assert max((plain[name] - weight).abs().max().item() for name, weight in expected.items()) > 5 * tolerance
@@ -73,8 +79,7 @@ def test_sharded_run_equals_one_process_on_the_union_batch(sharded_runs, case):
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("refuse_ssam", "ssam under sharded parameters .* is not built yet.*Use strategy='ddp'"),
-        ("refuse_bar", "bar under sharded parameters .* is not built yet"),
+        ("refuse_ssam_nm", "N:M pattern needs each rank to hold whole rows of 'net.2.weight'.*Shard it along dim 0"),
         ("refuse_local_ascent", "sync_ascent=False .* cannot be honoured under ModelParallelStrategy"),
     ],
 )
@@ -82,6 +87,29 @@ def test_what_sharded_training_does_not_support_is_refused_at_setup(sharded_runs
     _, _, results = case_of(sharded_runs, case)
     assert "error" in results[case], f"{case} trained instead of refusing"
     assert __import__("re").search(message, results[case]["error"]), results[case]["error"]
+
+
+@pytest.mark.parametrize(("case", "sparsity"), [("ssam_fisher", 0.7), ("ssam_dst", 0.7)])
+def test_ssam_mask_density_over_the_shards_is_exact(sharded_runs, case, sparsity):
+    _, _, results = case_of(sharded_runs, case)
+    total = sum(p.numel() for p in build_net().parameters())
+    assert results[case]["metrics"]["sam/mask_density_step"] == pytest.approx(
+        round(total * (1 - sparsity)) / total, abs=1e-7
+    )
+
+
+def test_ssam_at_sparsity_zero_is_sam(sharded_runs):
+    _, _, results = case_of(sharded_runs, "ssam_zero")
+    for name, weight in results["sam"]["weights"].items():
+        assert (results["ssam_zero"]["weights"][name] - weight).abs().max().item() <= 1e-7, name
+
+
+def test_ssam_dst_resume_at_an_epoch_boundary_is_exact(sharded_runs):
+    """Each rank's kept indices (of its shards) and the DST draw counter travel through the checkpoint."""
+    layout, _, results = case_of(sharded_runs, "ssam_dst_straight")
+    straight, resumed = results["ssam_dst_straight"]["weights"], results["ssam_dst_resumed"]["weights"]
+    for name, weight in straight.items():
+        assert torch.equal(weight, resumed[name]), f"{layout} {name}"
 
 
 @pytest.mark.parametrize("variant", ["fsam", "looksam"])

@@ -129,6 +129,10 @@ class Variant:
     setup_message: str = ""  # one line the adapters log at setup (e.g. BAR's pairs)
     sample_batch_size: int = 1  # samples per micro-batch of per-sample gradients (SSAM's fisher_batch_size)
     sharded: bool = False  # set by the engine: the tensors are this rank's shards of DTensors (FSDP2, TP)
+    # set by the engine before bind() when sharded: the DTensor parameters (bind's tensors are their local shards;
+    # gradients are read from these) and the reduction over all of them, in bind's order
+    shard_sources: list[Tensor] | None = None
+    reduction: ShardedReduction | None = None
     supports_sharding: bool = True  # False: the engine refuses sharded parameters (the reason in sharding_message)
     sharding_message: str = ""
 

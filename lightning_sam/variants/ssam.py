@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 
 from lightning_sam import validation as check
+from lightning_sam.sharded_selection import ShardedSelection
+from lightning_sam.sharding import ShardedReduction
 from lightning_sam.tensor_ops import accumulation_dtype, widen, widened_dtype
 from lightning_sam.variants import ssam_masks as masks
 from lightning_sam.variants.base import RunLength, StepTensors, Variant
@@ -57,13 +59,6 @@ class SSAM(Variant, name="ssam"):
         seed: seeds DST's random start and regrowth (identical on every rank).
         total_steps: ``T`` of DST's cosine schedule (the callback fills it in from the Trainer).
     """
-
-    supports_sharding = False
-    sharding_message = (
-        "ssam under sharded parameters (FSDP2 / tensor parallel) is not built yet: its top-k mask must be selected "
-        "over every shard, and the Fisher mask's per-sample gradients cannot be taken through FSDP. Use "
-        "strategy='ddp'."
-    )
 
     def __init__(
         self,
@@ -114,7 +109,7 @@ class SSAM(Variant, name="ssam"):
         self._kept: masks.Mask | None = None  # per parameter: sorted int64 CPU indices, or None = whole tensor
         self._fisher: list[Tensor] | None = None
         self._fisher_count = 0
-        self._generator = torch.Generator().manual_seed(seed)
+        self._draws = 0  # DST refreshes so far: refresh r regrows by draw r of the seed's random keys
         self._last_change: Tensor | None = None
         self._refreshed = False
         self._completed_at = -1  # the step in which the last Fisher refresh completed
@@ -146,20 +141,25 @@ class SSAM(Variant, name="ssam"):
     # ------------------------------------------------------------------ setup
     def bind(self, names: list[str], params: list[Tensor]) -> None:
         self._names, self._params = list(names), list(params)
+        # the whole tensors' shapes (sharded: bind's tensors are this rank's shards of shard_sources)
+        self._shapes = [t.shape for t in (self.shard_sources if self.sharded and self.shard_sources else params)]
+        self._total = sum(shape.numel() for shape in self._shapes)
         if self.pattern == "n:m":
-            whole = [n for n, p in zip(names, params) if not masks.n_of_m_eligible(p.shape, self.m)]
+            whole = [n for n, shape in zip(names, self._shapes) if not masks.n_of_m_eligible(shape, self.m)]
             if len(whole) == len(names):
                 raise ValueError(
                     f"ssam: no trained tensor can take the {self.n}:{self.m} pattern (it needs at least 2-D tensors "
                     f"whose input size is divisible by m={self.m}); choose another pattern or m"
                 )
             self.fully_perturbed = whole  # reported once by the adapters
+            if self.sharded:
+                _check_whole_rows(names, self.shard_sources or [], whole)
         if self.mask == "dst" and self.total_steps is None:
             raise ValueError("ssam: mask='dst' needs total_steps=... for its cosine schedule (SAMCallback sets it)")
         if self.sparsity == 0 and self.pattern != "n:m":
             self._set_mask([None] * len(params))
         elif self.mask == "dst" and self._kept is None:
-            self._set_mask(masks.dst_initial([p.numel() for p in params], 1 - self.sparsity, self._generator))
+            self._set_mask(masks.dst_initial(self._selection(), 1 - self.sparsity, self.seed))
 
     @property
     def setup_message(self) -> str:
@@ -196,7 +196,10 @@ class SSAM(Variant, name="ssam"):
                 if measure:
                     flat = widen(e.reshape(-1))  # >= fp32 (fp64 for fp64), no copy for fp32 / fp64
                     squares.append(torch.dot(flat, flat))
-            elif index.numel():
+            elif not index.numel():
+                if measure:
+                    squares.append(torch.zeros((), dtype=widened_dtype(e.dtype), device=p.device))
+            else:
                 if e.dtype == p.dtype:
                     kept = self._scratch[(p.device, p.dtype)][: index.numel()]
                     torch.index_select(e.reshape(-1), 0, index, out=kept)
@@ -210,8 +213,9 @@ class SSAM(Variant, name="ssam"):
             return None
         if not squares:
             return torch.zeros((), dtype=accumulation_dtype(step.grads), device=step.params[0].device)
-        device = squares[0].device
-        return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+        device, dtype = squares[0].device, accumulation_dtype(step.grads)
+        per_tensor = torch.stack([s.to(device=device, dtype=dtype) for s in squares])
+        return (per_tensor.sum() if step.reduction is None else step.reduction.total(per_tensor)).sqrt()
 
     def restore_(self, step: StepTensors) -> None:
         for name, p in zip(step.names, step.params):
@@ -244,16 +248,21 @@ class SSAM(Variant, name="ssam"):
             self._refresh_from_scores(fisher)
 
     # ------------------------------------------------------------------ refreshes
+    def _selection(self) -> ShardedSelection:
+        """Exact counts and top-k over every shard (the whole tensors in one process)."""
+        if self.sharded and self.shard_sources is not None and self.reduction is not None:
+            return ShardedSelection(self.shard_sources, self.reduction.counts, self.reduction.all_reduce_sum_)
+        return ShardedSelection.whole(self._params)
+
     def _refresh_from_scores(self, scores: list[Tensor]) -> None:
         started = time.perf_counter()
-        shaped = [s.reshape(p.shape) for s, p in zip(scores, self._params)]
         keep = 1 - self.sparsity
         if self.pattern == "unstructured":
-            new = masks.unstructured(shaped, keep)
+            new = masks.unstructured(self._selection(), scores, keep)
         elif self.pattern == "structured":
-            new = masks.structured(shaped, keep)
+            new = masks.structured(self._selection(), scores, keep)
         else:
-            new = masks.n_of_m(shaped, self.n, self.m)
+            new = masks.n_of_m(scores, self._shapes, self.n, self.m)
         self._set_mask(new)
         self.refresh_seconds += time.perf_counter() - started
 
@@ -269,17 +278,27 @@ class SSAM(Variant, name="ssam"):
         ]
         self.sum_tensors_over_ranks_(grads)  # the pass-1 gradient summed over ranks: the same mask everywhere
         fraction = self.drop_rate * 0.5 * (1 + math.cos(math.pi * step.step / self.total_steps))
-        self._set_mask(masks.dst_update(self._kept, [g.abs() for g in grads], fraction, self._generator))
+        self._draws += 1
+        magnitudes = [g.abs() for g in grads]
+        self._set_mask(masks.dst_update(self._selection(), self._kept, magnitudes, fraction, self.seed, self._draws))
         self.refresh_seconds += time.perf_counter() - started
 
     def _set_mask(self, new: masks.Mask) -> None:
         new = [None if kept is None else kept.cpu().long() for kept in new]
-        sizes = [p.numel() for p in self._params]
+        kept_counts = [p.numel() if kept is None else kept.numel() for p, kept in zip(self._params, new)]
+        counts = [float(c) for c in kept_counts]
+        if self._kept is not None:  # per tensor, the kept coordinates that were not kept before
+            for p, old, fresh, count in zip(self._params, self._kept, new, kept_counts):
+                if old is None or fresh is None:
+                    overlap = p.numel() if old is None and fresh is None else (fresh if old is None else old).numel()
+                else:
+                    overlap = int(torch.isin(fresh, old).sum())
+                counts.append(float(count - overlap))
+        totals = self._global_counts(counts)
+        self._kept_total = round(sum(totals[: len(new)]))
         if self._kept is not None:
-            old = masks.to_global(self._kept, sizes, torch.device("cpu"))
-            fresh = masks.to_global(new, sizes, torch.device("cpu"))
-            changed = fresh.numel() - torch.isin(fresh, old).sum().item()
-            self._last_change = torch.tensor(changed / max(1, fresh.numel()))
+            changed = round(sum(totals[len(new) :]))
+            self._last_change = torch.tensor(changed / max(1, self._kept_total))
         self._refreshed = True
         self._kept = new
         self._device_index, self._saved, scratch_sizes = {}, {}, {}
@@ -296,14 +315,24 @@ class SSAM(Variant, name="ssam"):
         self._scratch = {key: torch.empty(size, dtype=key[1], device=key[0]) for key, size in scratch_sizes.items()}
 
     # ------------------------------------------------------------------ reporting and state
+    def _global_counts(self, counts: list[float]) -> list[float]:
+        """Counts per tensor (twice over when a mask change is counted too) summed over the shards, each coordinate
+        counted once; the counts themselves in one process."""
+        if not self.sharded or self.reduction is None:
+            return counts
+        reduction = self.reduction
+        if len(counts) > len(self._params):
+            reduction = ShardedReduction(reduction.counts * 2, reduction.all_reduce_sum_)
+        device = self._params[0].device if self._params else torch.device("cpu")
+        return reduction.totals(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
+
     def kept_count(self) -> int:
-        """Number of perturbed coordinates (0 before the first mask)."""
-        if self._kept is None:
-            return 0
-        return sum(p.numel() if k is None else k.numel() for p, k in zip(self._params, self._kept))
+        """Number of perturbed coordinates over all shards (0 before the first mask)."""
+        return 0 if self._kept is None else self._kept_total
 
     def dense_masks(self) -> dict[str, Tensor] | None:
-        """The current mask as bool tensors keyed by parameter name (for inspection and tests)."""
+        """The current mask as bool tensors keyed by parameter name (for inspection and tests; sharded: this
+        rank's shards)."""
         if self._kept is None:
             return None
         result = {}
@@ -316,8 +345,7 @@ class SSAM(Variant, name="ssam"):
     def metrics(self) -> dict[str, Tensor]:
         if self._kept is None:
             return {}
-        total = sum(p.numel() for p in self._params)
-        values = {"sam/mask_density": torch.tensor(self.kept_count() / total)}
+        values = {"sam/mask_density": torch.tensor(self.kept_count() / self._total)}
         if self._refreshed:  # a refresh completed since the last report
             if self._last_change is not None:
                 values["sam/mask_change"] = self._last_change
@@ -329,7 +357,7 @@ class SSAM(Variant, name="ssam"):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "generator": self._generator.get_state(),
+            "draws": self._draws,
             "fisher_count": self._fisher_count,
             "completed_at": self._completed_at,
             "next_dst": self._next_dst,
@@ -344,7 +372,7 @@ class SSAM(Variant, name="ssam"):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._generator.set_state(state["generator"])
+        self._draws = int(state.get("draws", 0))
         self._fisher_count = int(state.get("fisher_count", 0))
         self._completed_at = int(state.get("completed_at", -1))
         self._next_dst = int(state.get("next_dst", 0))
@@ -367,3 +395,17 @@ class SSAM(Variant, name="ssam"):
             f"rho={self.rho}, sparsity={self.sparsity}, mask={self.mask!r}, pattern={self.pattern!r}, "
             f"n={self.n}, m={self.m}, mask_every={self.mask_every}"
         )
+
+
+def _check_whole_rows(names: list[str], sources: list[Tensor], whole: list[str]) -> None:
+    """The N:M pattern groups inputs within each output row: a shard must hold whole rows (sharded along dim 0
+    only: FSDP2, ``ColwiseParallel``), else the groups would straddle ranks."""
+    for name, source in zip(names, sources):
+        placements = getattr(source, "placements", ())
+        split = [p for p in placements if not p.is_replicate() and getattr(p, "dim", 0) != 0]
+        if name not in whole and split:
+            raise ValueError(
+                f"ssam: the N:M pattern needs each rank to hold whole rows of {name!r}, which is sharded as "
+                f"{tuple(placements)} (along its inputs). Shard it along dim 0 (FSDP2, ColwiseParallel), or use "
+                "pattern='unstructured' or 'structured'."
+            )

@@ -1,9 +1,13 @@
 """Mask selection for SSAM (pure PyTorch): which coordinates of each trained tensor are perturbed.
 
-A mask is a list with one entry per tensor: a sorted 1-D int64 tensor of kept flat indices (``None`` for "the
-whole tensor"). Selection runs only at a refresh; the per-step work uses the indices with static shapes.
-Ties are broken deterministically: a higher score first, then the lower flat index (stable sorts), so every
-rank given the same scores selects the same mask. Scores are compared in at least fp32 (fp64 scores stay fp64).
+A mask is a list with one entry per tensor: a sorted 1-D int64 tensor of kept flat indices into the tensor (into
+this rank's shard when the tensors are sharded; ``None`` for "the whole tensor"). Selection runs only at a refresh;
+the per-step work uses the indices with static shapes. Every selection goes through a
+:class:`~lightning_sam.sharded_selection.ShardedSelection` (``ShardedSelection.whole`` in one process), so one
+process and every sharding layout select the same coordinates from the same scores: the counts are exact over all
+shards and ties are broken deterministically, a higher score first, then the lower global flat index. Scores are
+compared in at least fp32 (fp64 when any is fp64). DST's random choices are the smallest
+:func:`~lightning_sam.sharded_selection.random_keys` (a function of the seed, the refresh and the global index).
 
 * :func:`unstructured`: one global top-k over all coordinates, exactly ``round(N * keep)`` kept.
 * :func:`structured`: whole tensors ranked by mean score, admitted greedily until ``N * keep`` is reached (the
@@ -13,6 +17,8 @@ rank given the same scores selects the same mask. Scores are compared in at leas
   size is not divisible by ``m`` are kept whole.
 * :func:`dst_initial` / :func:`dst_update`: the dynamic-sparse-training mask (random start at exact density;
   drop the live coordinates with the smallest ``|g|``, regrow as many among the previously dead, at random).
+
+``shapes`` / ``selection.sizes`` are the whole tensors' (before sharding); the score tensors are this rank's shards.
 """
 
 from __future__ import annotations
@@ -22,59 +28,31 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_sam.tensor_ops import widen
+from lightning_sam.sharded_selection import ShardedSelection, ascending_keys, descending_keys, random_keys
+from lightning_sam.tensor_ops import accumulation_dtype, widen
 
 Mask = list[Tensor | None]
 
 
-def _offsets(sizes: Sequence[int]) -> list[int]:
-    offsets, total = [], 0
-    for size in sizes:
-        offsets.append(total)
-        total += size
-    return offsets
+def _kept(chosen: Sequence[Tensor]) -> Mask:
+    return [torch.nonzero(c).reshape(-1).cpu() for c in chosen]
 
 
-def split_global(indices: Tensor, sizes: Sequence[int]) -> Mask:
-    """Split sorted global flat indices (over the concatenation of tensors of ``sizes``) into per-tensor ones."""
-    offsets = _offsets(sizes)
-    bounds = torch.tensor([*offsets, sum(sizes)], device=indices.device)
-    cuts = torch.searchsorted(indices, bounds).tolist()
-    return [indices[cuts[i] : cuts[i + 1]] - offsets[i] for i in range(len(sizes))]
-
-
-def to_global(mask: Mask, sizes: Sequence[int], device: torch.device) -> Tensor:
-    """The sorted global flat indices of ``mask`` (a ``None`` entry stands for the whole tensor)."""
-    parts = []
-    for offset, size, kept in zip(_offsets(sizes), sizes, mask):
-        if kept is None:
-            parts.append(torch.arange(offset, offset + size, device=device))
-        else:
-            parts.append(kept.to(device) + offset)
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
-
-
-def _top(scores: Tensor, k: int) -> Tensor:
-    """Positions of the ``k`` highest scores, ties to the lower position, sorted ascending."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
-
-
-def unstructured(scores: Sequence[Tensor], keep: float) -> Mask:
+def unstructured(selection: ShardedSelection, scores: Sequence[Tensor], keep: float) -> Mask:
     """Global top-k over all coordinates: exactly ``round(N * keep)`` kept."""
-    sizes = [s.numel() for s in scores]
-    flat = torch.cat([widen(s.reshape(-1)) for s in scores])
-    k = round(flat.numel() * keep)
-    return split_global(_top(flat, k), sizes)
+    dtype = accumulation_dtype(scores)
+    keys = [descending_keys(s.reshape(-1).to(dtype)) for s in scores]
+    return _kept(selection.smallest(keys, [None] * len(keys), round(selection.total * keep)))
 
 
-def structured(scores: Sequence[Tensor], keep: float) -> Mask:
+def structured(selection: ShardedSelection, scores: Sequence[Tensor], keep: float) -> Mask:
     """Whole tensors by mean score, admitted greedily until ``N * keep`` coordinates are admitted."""
-    sizes = [s.numel() for s in scores]
-    budget = sum(sizes) * keep
-    means = torch.stack([widen(s).mean() for s in scores])
+    sizes = selection.sizes
+    budget = selection.total * keep
+    partial = torch.stack([widen(s).sum().to(torch.float64) for s in scores])
+    means = selection.sums(partial).cpu() / torch.tensor(sizes, dtype=torch.float64)
     order = torch.sort(means, descending=True, stable=True).indices.tolist()
-    mask: Mask = [scores[i].new_zeros(0, dtype=torch.long) for i in range(len(scores))]
+    mask: Mask = [torch.zeros(0, dtype=torch.long) for _ in scores]
     admitted = 0
     for i in order:
         if admitted >= budget:
@@ -94,48 +72,54 @@ def n_of_m_eligible(shape: torch.Size, m: int) -> bool:
     return fan_in % m == 0
 
 
-def n_of_m(scores: Sequence[Tensor], n: int, m: int) -> Mask:
-    """In every group of ``m`` consecutive inputs of each output row, keep the ``n`` highest scores."""
+def n_of_m(scores: Sequence[Tensor], shapes: Sequence[torch.Size], n: int, m: int) -> Mask:
+    """In every group of ``m`` consecutive inputs of each output row, keep the ``n`` highest scores (a shard holds
+    whole rows: the input size of its rows is the whole tensor's)."""
     mask: Mask = []
-    for score in scores:
-        if not n_of_m_eligible(score.shape, m):
+    for score, shape in zip(scores, shapes):
+        if not n_of_m_eligible(shape, m):
             mask.append(None)
             continue
-        rows = widen(score.reshape(score.shape[0], -1))
-        groups = rows.reshape(rows.shape[0], -1, m)
+        fan_in = shape[1:].numel()
+        groups = widen(score.reshape(-1)).reshape(score.numel() // fan_in, fan_in // m, m)
         best = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
         base = torch.arange(groups.shape[0] * groups.shape[1], device=score.device).reshape(groups.shape[:2]) * m
         flat = (base.unsqueeze(-1) + best).reshape(-1)
-        mask.append(torch.sort(flat).values)
+        mask.append(torch.sort(flat).values.cpu())
     return mask
 
 
-def dst_initial(sizes: Sequence[int], keep: float, generator: torch.Generator) -> Mask:
-    """A uniformly random mask with exactly ``round(N * keep)`` kept coordinates (CPU generator)."""
-    total = sum(sizes)
-    k = round(total * keep)
-    chosen = torch.randperm(total, generator=generator)[:k]
-    return split_global(torch.sort(chosen).values, sizes)
+def dst_initial(selection: ShardedSelection, keep: float, seed: int) -> Mask:
+    """A uniformly random mask with exactly ``round(N * keep)`` kept coordinates (draw 0 of ``seed``'s keys)."""
+    keys = [random_keys(index, seed, 0) for index in selection.global_indices]
+    return _kept(selection.smallest(keys, [None] * len(keys), round(selection.total * keep)))
 
 
-def dst_update(mask: Mask, grad_magnitudes: Sequence[Tensor], drop_fraction: float, generator: torch.Generator) -> Mask:
-    """Drop the ``k`` live coordinates with the smallest ``|g|``, regrow ``k`` among the previously dead.
-
-    ``k = min(round(drop_fraction * L), N - L)`` with ``L`` live coordinates: the density stays exact.
-    """
-    sizes = [g.numel() for g in grad_magnitudes]
-    total = sum(sizes)
-    live = to_global(mask, sizes, torch.device("cpu"))
-    k = min(round(drop_fraction * live.numel()), total - live.numel())
+def dst_update(
+    selection: ShardedSelection,
+    mask: Mask,
+    grad_magnitudes: Sequence[Tensor],
+    drop_fraction: float,
+    seed: int,
+    draw: int,
+) -> Mask:
+    """Drop the ``k`` live coordinates with the smallest ``|g|``, regrow ``k`` among the previously dead (the
+    smallest of draw ``draw`` of ``seed``'s random keys). ``k = min(round(drop_fraction * L), N - L)`` with ``L``
+    live coordinates: the density stays exact."""
+    live = []
+    for kept, g in zip(mask, grad_magnitudes):
+        flags = torch.ones(g.numel(), dtype=torch.bool, device=g.device)
+        if kept is not None:
+            flags.fill_(False)
+            flags[kept.to(g.device)] = True
+        live.append(flags)
+    count = selection.count(live)
+    k = min(round(drop_fraction * count), selection.total - count)
     if k <= 0:
         return [None if kept is None else kept.cpu() for kept in mask]
-    flat = torch.cat([widen(g.reshape(-1)).cpu() for g in grad_magnitudes])
-    weakest = torch.sort(flat[live], stable=True).indices[:k]
-    keep_live = torch.ones(live.numel(), dtype=torch.bool)
-    keep_live[weakest] = False
-    dead_before = torch.ones(total, dtype=torch.bool)
-    dead_before[live] = False
-    dead = torch.nonzero(dead_before).reshape(-1)
-    grown = dead[torch.randperm(dead.numel(), generator=generator)[:k]]
-    new_live = torch.sort(torch.cat([live[keep_live], grown])).values
-    return split_global(new_live, sizes)
+    dtype = accumulation_dtype(grad_magnitudes)
+    keys = [ascending_keys(g.reshape(-1).to(dtype)) for g in grad_magnitudes]
+    dropped = selection.smallest(keys, live, k)
+    random = [random_keys(index, seed, draw) for index in selection.global_indices]
+    grown = selection.smallest(random, [~flags for flags in live], k)
+    return _kept([(flags & ~drop) | grow for flags, drop, grow in zip(live, dropped, grown)])

@@ -13,6 +13,7 @@ from reference import ReferenceSSAM, reference_ssam_run
 from torch.nn import functional as F
 
 from lightning_sam import SAMCallback, SAMEngine
+from lightning_sam.sharded_selection import ShardedSelection, random_keys
 from lightning_sam.variants import ssam_masks
 
 CONFIGS = {
@@ -159,15 +160,52 @@ def test_structured_keeps_whole_tensors():
 
 def test_dst_density_exact_and_identical_given_the_seed():
     sizes = [50, 30, 20]
-    generator = torch.Generator().manual_seed(1)
-    mask = ssam_masks.dst_initial(sizes, 0.3, generator)
-    for _ in range(5):
+    selection = ShardedSelection.whole([torch.zeros(s) for s in sizes])
+    mask = ssam_masks.dst_initial(selection, 0.3, seed=1)
+    for draw in range(1, 6):
         scores = [torch.rand(s) for s in sizes]
-        mask = ssam_masks.dst_update(mask, scores, 0.5, generator)
-        assert sum(k.numel() for k in mask) == 30
-    again = ssam_masks.dst_initial(sizes, 0.3, torch.Generator().manual_seed(1))
-    first = ssam_masks.dst_initial(sizes, 0.3, torch.Generator().manual_seed(1))
+        new = ssam_masks.dst_update(selection, mask, scores, 0.5, seed=1, draw=draw)
+        assert sum(k.numel() for k in new) == 30
+        assert any(not torch.equal(a, b) for a, b in zip(mask, new))
+        mask = new
+    again = ssam_masks.dst_initial(selection, 0.3, seed=1)
+    first = ssam_masks.dst_initial(selection, 0.3, seed=1)
+    other = ssam_masks.dst_initial(selection, 0.3, seed=2)
     assert all(torch.equal(a, b) for a, b in zip(again, first))
+    assert any(not torch.equal(a, b) for a, b in zip(other, first))
+
+
+def test_random_keys_choose_uniformly():
+    """DST's random choices are the smallest random keys: over many draws every coordinate is chosen about as
+    often (a chi-square test at a fixed seed), and the keys of two draws are unrelated."""
+    index = torch.arange(40)
+    hits = torch.zeros(40)
+    for draw in range(2000):
+        hits[torch.sort(random_keys(index, 0, draw)).indices[:10]] += 1
+    expected = 2000 * 10 / 40
+    chi2 = (((hits - expected) ** 2) / expected).sum().item()
+    assert chi2 < 80, chi2  # 39 degrees of freedom: p < 1e-4 above ~80
+    first, second = random_keys(index, 0, 1), random_keys(index, 0, 2)
+    assert (first >= 0).all() and len(set(first.tolist())) == 40
+    assert abs(torch.corrcoef(torch.stack([first.double(), second.double()]))[0, 1].item()) < 0.5
+
+
+def test_selection_equals_a_plain_sort_with_ties():
+    """The radix selection (the one every layout uses) keeps exactly k, the highest scores, ties to the lower
+    global index: the same as sorting all scores."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        shapes = [(5, 7), (13,), (3, 4, 2), (1,)]
+        scores = [torch.randint(0, 4, s, generator=generator).float() * 0.5 for s in shapes]  # many ties, zeros
+        if trial % 2:
+            scores[1] = scores[1].double()
+        keep = torch.rand((), generator=generator).item()
+        mask = ssam_masks.unstructured(ShardedSelection.whole(scores), scores, keep)
+        flat = torch.cat([s.reshape(-1).double() for s in scores])
+        order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))[: round(flat.numel() * keep)]
+        offsets = [0, 35, 48, 72]
+        got = sorted(int(i) + offsets[t] for t, kept in enumerate(mask) for i in kept)
+        assert got == sorted(order)
 
 
 def test_saved_copy_holds_only_kept_coordinates():
