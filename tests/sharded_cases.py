@@ -83,6 +83,7 @@ CASES = {
     "ssam_nm": Case("ssam", {**FISHER, "pattern": "n:m"}, union_options={"num_samples": 2 * RANK_BATCH}),
     "ssam_dst": Case("ssam", {"mask": "dst", "sparsity": 0.7, "mask_every": 2}),
     "ssam_zero": Case("ssam", {"sparsity": 0.0}),
+    "mixin_ssam": Case("ssam", FISHER, mixin=True, optimizer="adamw", union_options={"num_samples": 2 * RANK_BATCH}),
     "ssam_dst_straight": Case(
         "ssam", {"mask": "dst", "sparsity": 0.6, "mask_every": 3}, epochs=3, save_every_epoch=True
     ),
@@ -154,7 +155,11 @@ class MixinNet(SAMMixin, Net):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        return self.sam_step(lambda: F.cross_entropy(self.net(x), y))
+        return self.sam_step(
+            lambda: F.cross_entropy(self.net(x), y),
+            sample_loss_fn=lambda i, j: F.cross_entropy(self.net(x[i:j]), y[i:j]),  # SSAM's Fisher mask
+            batch_size=len(x),
+        )
 
 
 def data() -> tuple[Tensor, Tensor]:

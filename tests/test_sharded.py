@@ -18,7 +18,7 @@ from sharded_cases import CASES, build_net, fit
 SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_script.py")
 pytestmark = pytest.mark.slow
 
-SSAM = ["ssam_fisher", "ssam_structured", "ssam_dst", "ssam_zero"]
+SSAM = ["ssam_fisher", "ssam_structured", "ssam_dst", "ssam_zero", "mixin_ssam"]
 TRAINED = ["sam", "asam", "fsam", "looksam", "xsam", "interval", "mixin_fsam", "bf16", "bf16_true", *SSAM, "ssam_nm"]
 REFUSED = ["refuse_local_ascent"]
 RESUMED = ["fsam_straight", "fsam_resumed", "looksam_straight", "looksam_resumed"]
