@@ -101,7 +101,7 @@ class ShardedReduction:
         return self.all_reduce_sum_(local_sum)
 
     def totals(self, per_tensor: Tensor) -> Tensor:
-        """Per tensor, ``per_tensor[i]`` summed over all its shards, each coordinate counted once (a vector, one
+        """Per tensor, ``per_tensor[..., i]`` summed over all its shards, each coordinate counted once (one
         all-reduce, no host sync): e.g. the squared norm of each tensor of a pair."""
         if self.uniform is not None:
             partial = per_tensor / self.uniform if self.uniform != 1 else per_tensor.clone()

@@ -32,7 +32,6 @@ from torch import Tensor
 
 from lightning_sam import validation as check
 from lightning_sam.sharded_selection import ShardedSelection
-from lightning_sam.sharding import ShardedReduction
 from lightning_sam.tensor_ops import accumulation_dtype, widen, widened_dtype
 from lightning_sam.variants import ssam_masks as masks
 from lightning_sam.variants.base import RunLength, StepTensors, Variant
@@ -285,20 +284,15 @@ class SSAM(Variant, name="ssam"):
 
     def _set_mask(self, new: masks.Mask) -> None:
         new = [None if kept is None else kept.cpu().long() for kept in new]
-        kept_counts = [p.numel() if kept is None else kept.numel() for p, kept in zip(self._params, new)]
-        counts = [float(c) for c in kept_counts]
-        if self._kept is not None:  # per tensor, the kept coordinates that were not kept before
-            for p, old, fresh, count in zip(self._params, self._kept, new, kept_counts):
-                if old is None or fresh is None:
-                    overlap = p.numel() if old is None and fresh is None else (fresh if old is None else old).numel()
-                else:
-                    overlap = int(torch.isin(fresh, old).sum())
-                counts.append(float(count - overlap))
-        totals = self._global_counts(counts)
-        self._kept_total = round(sum(totals[: len(new)]))
-        if self._kept is not None:
-            changed = round(sum(totals[len(new) :]))
-            self._last_change = torch.tensor(changed / max(1, self._kept_total))
+        kept = [float(p.numel() if k is None else k.numel()) for p, k in zip(self._params, new)]
+        if self._kept is None:
+            self._kept_total = round(float(self._global_counts(torch.tensor([kept])).sum()))
+        else:  # and per tensor, the kept coordinates that were not kept before
+            pairs = zip(kept, self._params, self._kept, new)
+            changed = [k - _overlap(old, fresh, p.numel()) for k, p, old, fresh in pairs]
+            totals = self._global_counts(torch.tensor([kept, changed])).sum(dim=1).tolist()
+            self._kept_total = round(totals[0])
+            self._last_change = torch.tensor(round(totals[1]) / max(1, self._kept_total))
         self._refreshed = True
         self._kept = new
         self._device_index, self._saved, scratch_sizes = {}, {}, {}
@@ -315,16 +309,14 @@ class SSAM(Variant, name="ssam"):
         self._scratch = {key: torch.empty(size, dtype=key[1], device=key[0]) for key, size in scratch_sizes.items()}
 
     # ------------------------------------------------------------------ reporting and state
-    def _global_counts(self, counts: list[float]) -> list[float]:
-        """Counts per tensor (twice over when a mask change is counted too) summed over the shards, each coordinate
-        counted once; the counts themselves in one process."""
+    def _global_counts(self, counts: Tensor) -> Tensor:
+        """Counts per tensor (the last dim) summed over the shards, each coordinate counted once (one all-reduce);
+        the counts themselves in one process."""
+        counts = counts.to(torch.float64)
         if not self.sharded or self.reduction is None:
             return counts
-        reduction = self.reduction
-        if len(counts) > len(self._params):
-            reduction = ShardedReduction(reduction.counts * 2, reduction.all_reduce_sum_)
         device = self._params[0].device if self._params else torch.device("cpu")
-        return reduction.totals(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
+        return self.reduction.totals(counts.to(device)).cpu()
 
     def kept_count(self) -> int:
         """Number of perturbed coordinates over all shards (0 before the first mask)."""
@@ -395,6 +387,15 @@ class SSAM(Variant, name="ssam"):
             f"rho={self.rho}, sparsity={self.sparsity}, mask={self.mask!r}, pattern={self.pattern!r}, "
             f"n={self.n}, m={self.m}, mask_every={self.mask_every}"
         )
+
+
+def _overlap(old: Tensor | None, fresh: Tensor | None, size: int) -> int:
+    """How many coordinates two masks of one tensor (kept indices, ``None`` = all ``size``) both keep."""
+    if old is None:
+        return size if fresh is None else fresh.numel()
+    if fresh is None:
+        return old.numel()
+    return int(torch.isin(fresh, old).sum())
 
 
 def _check_whole_rows(names: list[str], sources: list[Tensor], whole: list[str]) -> None:
