@@ -74,6 +74,7 @@ class ShardedReduction:
         # one common holder count (FSDP2 alone: every tensor sharded over every rank) needs no per-tensor weight
         self.uniform: int | None = counts[0] if counts and all(c == counts[0] for c in counts) else None
         self._weights: dict[torch.dtype, Tensor] = {}
+        self._counts: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     @classmethod
     def of(cls, parameters: Sequence[Tensor]) -> ShardedReduction:
@@ -106,7 +107,10 @@ class ShardedReduction:
         if self.uniform is not None:
             partial = per_tensor / self.uniform if self.uniform != 1 else per_tensor.clone()
         else:
-            counts = torch.tensor(self.counts, dtype=per_tensor.dtype, device=per_tensor.device)
+            key = (per_tensor.dtype, per_tensor.device)
+            counts = self._counts.get(key)
+            if counts is None:  # built once per dtype and device: no host-to-device copy per step
+                counts = self._counts[key] = torch.tensor(self.counts, dtype=per_tensor.dtype, device=per_tensor.device)
             partial = per_tensor / counts
         return self.all_reduce_sum_(partial)
 

@@ -16,6 +16,11 @@ factors are fp64; the factors ``1 ± c`` are formed in that dtype too). A pair w
 gradient norms are both 0 (or that has no gradient at all) is left alone, for either rule. A step the optimizer
 skips (``skip == 1``) rescales nothing, without a host sync. Every other trained parameter gets a plain step.
 
+Sharded parameters (FSDP2, tensor parallel): each rank holds a slice of each factor. The pair norms (and the logged
+balancedness) are those of the whole tensors: the local squared norms of every factor, stacked, are summed over the
+ranks by one all-reduce per step (:meth:`~lightning_sam.sharding.ShardedReduction.totals`, each coordinate counted
+once), so every rank takes the same decision; the rescaling itself is elementwise on the local shards.
+
 ``rho`` has no meaning here (nothing is perturbed): leave it unset; a given ``rho`` raises.
 """
 
@@ -31,6 +36,7 @@ import torch
 from torch import Tensor
 
 from lightning_sam import validation as check
+from lightning_sam.sharding import ShardedReduction, local
 from lightning_sam.tensor_ops import accumulation_dtype
 from lightning_sam.variants.base import RunLength, Variant
 
@@ -78,14 +84,37 @@ def _schedule_value(schedule: str, u: float) -> float:
 
 
 class _DeviceGroup:
-    """The pairs that live on one device: their factors as one flat list ``[A_1..A_P, B_1..B_P]``."""
+    """The pairs that live on one device: their factors as one flat list ``[A_1..A_P, B_1..B_P]``.
 
-    def __init__(self, device: torch.device, positions: list[int], a: list[Tensor], b: list[Tensor]) -> None:
+    Sharded parameters: ``factors`` are the local shards, ``sources`` the parameters they are shards of (DTensors,
+    or plain tensors every rank holds; their ``.grad`` is read), ``reduction`` sums per-factor partial sums over the
+    ranks and ``reduction2`` the same over ``factors + factors`` (oBAR: gradient and weight norms in one all-reduce).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        positions: list[int],
+        a: list[Tensor],
+        b: list[Tensor],
+        sources: list[Tensor] | None = None,
+        reduction: ShardedReduction | None = None,
+        reduction2: ShardedReduction | None = None,
+    ) -> None:
         self.device = device
         self.positions = positions  # indices into BAR.found_pairs
         self.size = len(a)
         self.factors = a + b
+        self.sources = sources
+        self.reduction = reduction
+        self.reduction2 = reduction2
         self.zero = torch.zeros((), dtype=torch.float32, device=device)  # a missing gradient's norm (dtype: _rescale_)
+
+    def grads(self) -> list[Tensor | None]:
+        """The factors' gradients (sharded: the local shards of the parameters' gradients)."""
+        if self.sources is None:
+            return [p.grad for p in self.factors]
+        return [None if s.grad is None else local(s.grad) for s in self.sources]
 
 
 class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
@@ -108,15 +137,12 @@ class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
     After ``bind``, ``found_pairs`` lists the ``(name_A, name_B)`` pairs and ``setup_message`` describes them in
     one line (the adapters log it). No pairs raises ``ValueError``.
 
+    Sharded parameters (FSDP2, tensor parallel): the pair norms and the logged balancedness are global (one
+    all-reduce of the stacked squared shard norms per step); the rescaling is elementwise on each rank's shards.
+
     State: ``step``, the number of optimizer steps seen (``t`` of the next step). ``T`` is an option, not state:
     give ``total_steps`` explicitly when a resumed run would otherwise derive another ``T`` from its Trainer.
     """
-
-    supports_sharding = False
-    sharding_message = (
-        "bar under sharded parameters (FSDP2 / tensor parallel) is not built yet: the norms of a sharded pair "
-        "(A, B) must be reduced over the shards. Use strategy='ddp'."
-    )
 
     def __init__(
         self,
@@ -214,6 +240,7 @@ class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
         by_device: dict[torch.device, list[int]] = {}
         for k, (a, _) in enumerate(self.found_pairs):
             by_device.setdefault(params[index[a]].device, []).append(k)
+        sharded = self.sharded and self.shard_sources is not None and self.reduction is not None
         self._groups = []
         for device, positions in by_device.items():
             a_params = [params[index[self.found_pairs[k][0]]] for k in positions]
@@ -221,7 +248,14 @@ class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
             for k, p in zip(positions, b_params):
                 if p.device != device:
                     raise ValueError(f"bar: the factors of pair {self.found_pairs[k]} live on different devices")
-            self._groups.append(_DeviceGroup(device, positions, a_params, b_params))
+            group = _DeviceGroup(device, positions, a_params, b_params)
+            if sharded:  # bind's tensors are local shards; gradients and reductions come from the parameters
+                order = [index[self.found_pairs[k][0]] for k in positions]
+                order += [index[self.found_pairs[k][1]] for k in positions]
+                group.sources = [self.shard_sources[i] for i in order]  # type: ignore[index]
+                group.reduction = self.reduction.subset(order)  # type: ignore[union-attr]
+                group.reduction2 = self.reduction.subset(order + order)  # type: ignore[union-attr]
+            self._groups.append(group)
         if self.schedule != "constant" and self.total_steps is None:
             raise ValueError(
                 f"bar: schedule={self.schedule!r} needs total_steps=... (T, the number of optimizer steps; "
@@ -268,23 +302,33 @@ class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
     def _rescale_(self, group: _DeviceGroup, coefficients: list[float | Tensor], skip: Tensor | None) -> None:
         """Multiply ``A`` by ``1 + sign * c`` and ``B`` by ``1 - sign * c`` (sign ±1, or 0 when left alone)."""
         size = group.size
-        grads = [p.grad for p in group.factors]
+        grads = group.grads()
         present = [g for g in grads if g is not None]
-        if not present:
-            return  # no gradient at all: every pair is left alone
+        if not present and group.reduction is None:
+            return  # no gradient at all: every pair is left alone (sharded: every rank joins the all-reduce)
         # Norms, signs and factors in at least fp32 (fp64 for fp64 factors), read at each step: the module may be
         # converted (e.g. precision="64-true") after bind.
         dtype = accumulation_dtype(group.factors)
         if group.zero.dtype != dtype:
             group.zero = torch.zeros((), dtype=dtype, device=group.device)
-        computed = iter(torch._foreach_norm(present, 2, dtype=dtype))
+        computed = iter(torch._foreach_norm(present, 2, dtype=dtype) if present else [])
         grad_norms = torch.stack([group.zero if g is None else next(computed) for g in grads])
+        weights: Tensor | None = None
+        if group.reduction is not None:
+            # global squared norms (monotone in the norms: the comparisons below are unchanged), one all-reduce
+            if self.rule == "obar":
+                local_norms = torch.cat([grad_norms, torch.stack(torch._foreach_norm(group.factors, 2, dtype=dtype))])
+                squares = group.reduction2.totals(local_norms * local_norms)  # type: ignore[union-attr]
+                grad_norms, weights = squares[: 2 * size], squares[2 * size :]
+            else:
+                grad_norms = group.reduction.totals(grad_norms * grad_norms)
         norm_a, norm_b = grad_norms[:size], grad_norms[size:]
         active = (norm_a > 0) | (norm_b > 0)
         if self.rule == "nbar":
             sign = torch.where(norm_a >= norm_b, 1.0, -1.0).to(dtype)  # no-op for fp32
         else:
-            weights = torch.stack(torch._foreach_norm(group.factors, 2, dtype=dtype))
+            if weights is None:
+                weights = torch.stack(torch._foreach_norm(group.factors, 2, dtype=dtype))
             sign = torch.where(weights[:size] >= weights[size:], -1.0, 1.0).to(dtype)
         sign = sign * active
         if skip is not None:
@@ -304,7 +348,7 @@ class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
     @torch.no_grad()
     def balancedness(self) -> Tensor:
         """``|½(||A||² − ||B||²)|`` of every pair (fp32, fp64 when a factor is fp64; in ``found_pairs`` order, on
-        the first pair's device)."""
+        the first pair's device). Sharded parameters: of the whole factors (one all-reduce; every rank calls it)."""
         if not self._groups:
             raise RuntimeError("bar: bind() was not called")
         parts, order = [], []
@@ -312,6 +356,8 @@ class BAR(Variant, name="bar"):  # rho is unused: BAR never perturbs
         for group in self._groups:
             norms = torch.stack(torch._foreach_norm(group.factors, 2, dtype=accumulation_dtype(group.factors)))
             squares = norms * norms
+            if group.reduction is not None:
+                squares = group.reduction.totals(squares)
             parts.append((0.5 * (squares[: group.size] - squares[group.size :])).abs().to(target))
             order.extend(group.positions)
         values = torch.cat(parts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_sam import SAMCallback, SAMEngine, SAMMixin
+from lightning_sam.sharding import ShardedReduction
 from lightning_sam.variants import available_variants, make_variant, variant_options
 from lightning_sam.variants.bar import peft_lora_pairs
 
@@ -679,3 +681,103 @@ def test_hook_and_metrics_never_read_a_tensor_on_the_host(rule, monkeypatch):
     monkeypatch.undo()
     assert sorted(values) == ["sam/balancedness_max", "sam/balancedness_mean"]
     assert pair_diff(net, TwoFactorNet()) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- sharded factors
+class _TwoRanks:
+    """An in-place SUM over two threads standing in for two ranks (``ShardedReduction``'s all_reduce_sum_)."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=30)
+        self.slots: list[torch.Tensor | None] = [None, None]
+        self.calls = [0, 0]
+
+    def for_rank(self, rank: int):
+        def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+            self.calls[rank] += 1
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            total = self.slots[0] + self.slots[1]
+            self.barrier.wait()  # both ranks have read the slots
+            return tensor.copy_(total)
+
+        return all_reduce_sum_
+
+
+@pytest.mark.parametrize("rule", ["nbar", "obar"])
+def test_sharded_factors_take_the_global_decision_with_one_all_reduce_per_step(rule, monkeypatch):
+    """Two ranks (threads): the Linear LoRA factors split by rows, the Embedding-style pair held whole by both
+    (counted once), one pair without gradients. Every rank rescales its shards as the unsharded BAR rescales the whole
+    factors (bit-exact: the same decisions and factors), and the balancedness equals the unsharded one."""
+    net = TwoFactorNet()
+    x, y = next(iter(fixed_loader()))
+    F.cross_entropy(net(x), y).backward()
+    for name in PAIRS[1]:
+        net.get_parameter(name).grad = None  # the "other" adapter: no gradient on any rank
+    twin = copy.deepcopy(net)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+    options = {"rule": rule, "schedule": "constant", "mu0": 3.0}
+    engine = SAMEngine(twin.named_parameters(), "bar", **options)
+    engine.plain_step()
+    engine.variant.before_optimizer_step_(0, dict.fromkeys(engine.names, 0.05), None)
+    expected_metrics = engine.variant.metrics()
+
+    names = [name for pair in PAIRS for name in pair]
+    split = {name for pair in PAIRS[:2] for name in pair}  # each rank holds half of the rows
+    exchange = _TwoRanks()
+    shards: list[list[torch.Tensor]] = []
+    variants = []
+    for rank in range(2):
+        held = []
+        for name in names:
+            full = net.get_parameter(name)
+            part = full.detach().chunk(2)[rank] if name in split else full.detach()
+            shard = part.clone().requires_grad_()
+            if full.grad is not None:
+                shard.grad = full.grad.chunk(2)[rank].clone() if name in split else full.grad.clone()
+            held.append(shard)
+        variant = make_variant("bar", **options)
+        variant.sharded, variant.shard_sources = True, held
+        variant.reduction = ShardedReduction([1 if n in split else 2 for n in names], exchange.for_rank(rank))
+        variant.bind(names, held)
+        shards.append(held)
+        variants.append(variant)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for method in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, method, host_read)
+    metrics: list[dict | None] = [None, None]
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            variants[rank].before_optimizer_step_(0, dict.fromkeys(names, 0.05), None)
+            assert exchange.calls[rank] == 1  # one all-reduce for the whole step
+            metrics[rank] = variants[rank].metrics()
+        except BaseException as error:  # re-raised in the main thread
+            errors.append(error)
+            exchange.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monkeypatch.undo()
+    if errors:
+        raise errors[0]
+    assert exchange.calls == [2, 2]  # and one for the metrics
+    for i, name in enumerate(names):
+        whole = torch.cat([shards[0][i], shards[1][i]]) if name in split else shards[0][i]
+        assert torch.equal(whole, twin.get_parameter(name)), name
+        if name not in split:
+            assert torch.equal(shards[0][i], shards[1][i]), name
+    for key, value in expected_metrics.items():
+        for rank in range(2):
+            torch.testing.assert_close(metrics[rank][key], value, rtol=1e-6, atol=0)
+    assert pair_diff(twin, net) > 1e-3  # the rescaling happened
+    for name in PAIRS[1]:
+        assert torch.equal(twin.get_parameter(name), net.get_parameter(name))  # no gradient: left alone
