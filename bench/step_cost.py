@@ -9,6 +9,10 @@ mlp48    48 x (Linear 128 + LayerNorm + GELU) + linear head, batch 128: 194 para
          shape of a transformer's parameter list, where per-tensor work (Python loops, kernel launches) dominates
 =======  ====================================================================================================
 
+For a GPU (``--models``, not in the default list; ``bench/gpu_check.sh`` runs them): ``resnet18`` (ResNet-18,
+11.2M parameters in 62 tensors) and ``vit_s16`` (ViT-S/16, 21.7M parameters in 152 tensors), 3x224x224 inputs,
+batch 256 (``--batch`` overrides every selected model's batch, e.g. for a CPU smoke run).
+
 Methods, each one Lightning training step (``Trainer.fit``, one epoch, the same pre-built batch every step):
 
 ===================  ===================================================================================
@@ -27,7 +31,8 @@ pytorch_optimizer    pytorch_optimizer's ``SAM(params, torch.optim.SGD, rho=0.05
 Per-variant setup, so that every timed step is a steady-state step:
 
 * ``ssam``: defaults (Fisher mask, sparsity 0.5, refreshed once per epoch). One fit is one epoch, so its only Fisher
-  pass (128 samples: 2 steps at batch 64, 1 at batch 128) runs in the warm-up steps (``--warmup`` >= 2).
+  pass (128 samples: 2 steps at batch 64, 1 at batch 128) runs in the warm-up steps (``--warmup`` >= 2; a smaller
+  ``--batch`` raises ``--warmup`` to the steps the 128 samples take).
 * ``xsam``: defaults (rho 0.15, one ascent pass, alpha searched on the first batch of each epoch): the only search
   runs at step 0, a warm-up step; the timed steps keep the alpha it found (printed; for alpha != 1 every step
   builds the explicit descent direction, for alpha = 1 the step is SAM's). Search cost: ``bench/xsam_overhead.py``.
@@ -73,6 +78,8 @@ Usage::
     python bench/step_cost.py --quick                      # smoke run (~30 s): 5 steps, 1 repeat, no priming
     python bench/step_cost.py --models mlp48 --variants sam,asam --repeats 5 --json step_cost.json
     python bench/step_cost.py --device cuda                # bf16-mixed, wall clock, peak memory
+    python bench/step_cost.py --device cuda --models resnet18,vit_s16 --steps 10 --repeats 3  # see gpu_check.sh
+    python bench/step_cost.py --quick --models vit_s16 --batch 4 --variants sam   # CPU smoke run of a GPU model
     python bench/step_cost.py --profile sam --models mlp48 # cProfile of the timed steps and of the SAM hook
 """
 
@@ -80,6 +87,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import importlib.metadata
 import math
 import statistics
@@ -92,7 +100,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pytorch_optimizer
 import torch
 from lightning.pytorch import Callback
 from torch import Tensor, nn
@@ -105,12 +112,18 @@ import workloads as wl  # the shared models, batches, LightningModule and Traine
 
 from lightning_sam import SAMCallback, available_variants
 
+try:
+    import pytorch_optimizer
+except ImportError:  # e.g. a GPU machine's image without it: the method is left out (see main)
+    pytorch_optimizer = None
+
 FLOORS = ("floor1", "floor2")
 PTO = "pytorch_optimizer"
 LOOKSAM_K = 5  # LookSAM's default k, given explicitly: the cycle length of its timing
 FIRST = ("sam", "asam", "fsam", "xsam", "ssam", "looksam", "bar")  # column order; other variants follow, sorted
 ONE_PASS = {"bar"}  # no second pass: natural floor is floor1
 RHO = 0.05  # pytorch_optimizer's SAM radius (SAM's default in both libraries)
+SSAM_SAMPLES = 128  # SSAM's default num_samples: its Fisher pass takes ceil(128 / batch) warm-up steps
 
 
 def weight_pairs(names: list[str], params: list[Tensor]) -> list[tuple[str, str]]:
@@ -619,7 +632,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    models = {name: wl.MODELS[name] for name in ("cnn", "mlp48", "mlp")}
+    models = {name: wl.ALL_MODELS[name] for name in ("cnn", "mlp48", "mlp", "resnet18", "vit_s16")}
     # many short runs rather than a few long ones: on a shared machine slow phases last minutes, and the best-of
     # needs each method to meet a quiet one
     timing.add_common_args(parser, models, default_models="cnn,mlp48", steps=20, warmup=5, repeats=7)
@@ -629,6 +642,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-pytorch-optimizer", action="store_true", help="leave pytorch_optimizer's SAM out")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: --steps 5 --warmup 2 --repeats 1, no priming fits"
+    )
+    parser.add_argument(
+        "--batch", type=int, help="override every selected model's batch (e.g. a small one for a CPU smoke run)"
     )
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto", help="auto: cpu on CPU, else wall")
     parser.add_argument("--profile", metavar="METHOD", help="instead of timing, cProfile METHOD's steps and exit")
@@ -649,7 +665,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     precision = "bf16-mixed" if device.type == "cuda" else None
     clock = ("cpu" if device.type == "cpu" else "wall") if args.clock == "auto" else args.clock
     specs = [models[x] for x in timing.selected(args.models, list(models), "models")]
+    if args.batch is not None:
+        if args.batch < 1:
+            parser.error("--batch must be >= 1")
+        specs = [dataclasses.replace(spec, batch=args.batch) for spec in specs]
     variants = timing.selected(args.variants, variant_names(), "variants")
+    fisher_steps = max((-(-SSAM_SAMPLES // spec.batch) for spec in specs), default=1)
+    if "ssam" in variants and args.warmup < fisher_steps:
+        print(f"--warmup {args.warmup} -> {fisher_steps}: SSAM's {SSAM_SAMPLES}-sample Fisher pass in the warm-up")
+        args.warmup = fisher_steps
+    if pytorch_optimizer is None and not args.no_pytorch_optimizer:
+        print("pytorch_optimizer is not installed: its SAM is left out (as with --no-pytorch-optimizer)")
+        args.no_pytorch_optimizer = True
     methods = ["floor2", "floor1", *([] if args.no_pytorch_optimizer else [PTO]), *variants]
 
     if args.profile:
@@ -665,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps=args.steps,
         warmup=args.warmup,
         repeats=args.repeats,
-        pytorch_optimizer=importlib.metadata.version("pytorch_optimizer"),
+        pytorch_optimizer=importlib.metadata.version("pytorch_optimizer") if pytorch_optimizer else "not installed",
     )
     timing.print_env(env)
     results: dict[str, Any] = {}
