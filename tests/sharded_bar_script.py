@@ -20,6 +20,7 @@ full. Layouts:
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -30,14 +31,18 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_sam import SAMCallback
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from sharded_cases import SAMPLES, loader_of
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")  # Lightning's and torch's notes on CPU, workers and DTensor
 
-VOCAB, LENGTH, SAMPLES, RANK_BATCH = 32, 8, 64, 8
+VOCAB, LENGTH = 32, 8
 
 
 @dataclass
@@ -134,17 +139,7 @@ def data() -> tuple[Tensor, Tensor]:
 
 def loader(layout: str, rank: int) -> DataLoader:
     """What ``rank`` trains on under ``layout``; ``single-*``: what the ranks of that layout train on together."""
-    x, y = data()
-    half = SAMPLES // 2
-    if layout == "fsdp":
-        part = slice(rank * half, (rank + 1) * half)
-        return DataLoader(TensorDataset(x[part], y[part]), batch_size=RANK_BATCH)
-    if layout in ("tp", "single-tp"):
-        return DataLoader(TensorDataset(x[:half], y[:half]), batch_size=RANK_BATCH)
-    # single-fsdp, the union: batch i = rank 0's batch i, then rank 1's batch i
-    starts = [start + offset for start in range(0, half, RANK_BATCH) for offset in (0, half)]
-    order = torch.cat([torch.arange(start, start + RANK_BATCH) for start in starts])
-    return DataLoader(TensorDataset(x[order], y[order]), batch_size=2 * RANK_BATCH)
+    return loader_of(*data(), layout, rank)
 
 
 def trained_weights(module: nn.Module) -> dict[str, Tensor]:

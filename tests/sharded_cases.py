@@ -171,8 +171,12 @@ def data() -> tuple[Tensor, Tensor]:
 def loader(layout: str, rank: int) -> DataLoader:
     """What ``rank`` trains on under ``layout``; ``single-fsdp`` / ``single-tp``: what the ranks of that layout train
     on together (fsdp: batch ``i`` is rank 0's batch ``i``, then rank 1's)."""
-    x, y = data()
-    half = SAMPLES // 2
+    return loader_of(*data(), layout, rank)
+
+
+def loader_of(x: Tensor, y: Tensor, layout: str, rank: int) -> DataLoader:
+    """:func:`loader` over the samples ``x``, ``y`` (the first half is data-parallel rank 0's, the second rank 1's)."""
+    half = len(x) // 2
     if layout in ("fsdp", "fsdp_tp"):
         part = slice(rank * half, (rank + 1) * half)
         return DataLoader(TensorDataset(x[part], y[part]), batch_size=RANK_BATCH)
