@@ -23,21 +23,20 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_sam.batches import batch_size_of, slice_batch
-from lightning_sam.engine import SAMEngine
-from lightning_sam.glue import (
-    build_driver,
-    check_trainer,
-    collect_samples,
+from lightning_sam.checkpointing import (
     engine_checkpoint_state,
     engine_state_for_this_rank,
-    loss_from_output,
+    put_engine_tensors,
+    read_engine_tensors,
 )
+from lightning_sam.engine import SAMEngine
+from lightning_sam.glue import build_driver, check_trainer, collect_samples, loss_from_output
 from lightning_sam.metrics import StepMetrics, should_log
 from lightning_sam.replays import PassLosses, StrategyReplay, training_step_of
 from lightning_sam.settings import SAMSettings
 from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.step import TwoPassStep
-from lightning_sam.strategies import set_gradient_sync
+from lightning_sam.strategies import set_gradient_sync, writes_distributed_checkpoint
 
 
 class SAMCallback(SAMSettings, Callback):
@@ -66,6 +65,8 @@ class SAMCallback(SAMSettings, Callback):
     _window_open = False  # a micro-batch of the coming optimizer step has started
     _current: tuple[Any, int] | None = None  # the micro-batch running now
     _passes = PassLosses()  # replaced per step; a class default so that in_second_pass works before fit
+    _tensors_apart = False  # per-rank state tensors go through the distributed checkpoint (ModelParallelStrategy)
+    _rank_tensors: dict[str, Tensor] | None = None  # this rank's, from state_dict() to on_save_checkpoint
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -78,7 +79,10 @@ class SAMCallback(SAMSettings, Callback):
         return self._passes.in_second_pass
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self._pending_state or {}) if self.engine is None else engine_checkpoint_state(self.engine)
+        if self.engine is None:
+            return dict(self._pending_state or {})
+        entry, self._rank_tensors = engine_checkpoint_state(self.engine, tensors_apart=self._tensors_apart)
+        return entry
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.engine is not None:
@@ -116,6 +120,7 @@ class SAMCallback(SAMSettings, Callback):
             trainer, pl_module, trainer.optimizers[0], self, "SAMCallback", automatic=True, state=state
         )
         self.engine = self.driver.engine
+        self._tensors_apart = writes_distributed_checkpoint(trainer)
         self._guard = SecondPassGuard(pl_module)
         self._window: list[tuple[Any, int]] = []  # the micro-batches of this step whose pass 1 produced a loss
         self._window_open = False
@@ -193,7 +198,14 @@ class SAMCallback(SAMSettings, Callback):
         self._restore()
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._restore()
+        self._restore()  # (state_dict() ran before this hook: the weights it saw are restored by every step's end)
+        tensors, self._rank_tensors = self._rank_tensors, None
+        put_engine_tensors(checkpoint, 0, tensors or {})
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:  # runs before load_state_dict: read this rank's tensors of a distributed save
+            states[self.state_key] = read_engine_tensors(states[self.state_key], checkpoint, trainer.ckpt_path, 0)
 
     def __repr__(self) -> str:
         return f"SAMCallback(variant={self.spec!r}, sync_ascent={self.sync_ascent})"

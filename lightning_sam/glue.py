@@ -1,10 +1,11 @@
 """Lightning glue shared by the two adapters (``SAMCallback`` and ``SAMMixin``): the trainer checks, the variant
-configured for this run (its run-length defaults), the step driver of a fit (engine and precision), checkpoint state
-with the per-rank gather, and the per-sample passes.
+configured for this run (its run-length defaults), the step driver of a fit (engine and precision), and the per-sample
+passes (checkpoint state: :mod:`lightning_sam.checkpointing`).
 
 Nothing here runs SAM's step (that is :mod:`lightning_sam.step`); it translates what the Trainer knows into what the
 engine and the variants need. Lightning's private attributes are touched only in :mod:`lightning_sam.metrics`
-(``trainer._logger_connector``) and :mod:`lightning_sam.strategies` (``strategy._ddp_kwargs``).
+(``trainer._logger_connector``) and :mod:`lightning_sam.strategies` (``strategy._ddp_kwargs``,
+``strategy._save_distributed_checkpoint``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_sam.batches import batchnorm_in_eval
-from lightning_sam.distributed import gather_objects, rank, world_size
+from lightning_sam.checkpointing import engine_state_for_this_rank
 from lightning_sam.engine import SAMEngine
 from lightning_sam.precision import GradScaling, NoScaling, Precision
 from lightning_sam.settings import SAMSettings
@@ -173,29 +174,6 @@ def warn_if_samples_outlast_epoch(trainer: Trainer, variant: str, wanted: int, b
             f"SAM step: {batches} batches of {batch_size}, but an epoch has {int(epoch)} batches, so the whole first "
             "epoch trains without SAM. Pass a smaller num_samples=... (or mask='dst', which needs no samples)."
         )
-
-
-# ---------------------------------------------------------------------------------------------- state
-def engine_checkpoint_state(engine: SAMEngine) -> dict[str, Any]:
-    """What a checkpoint holds of an engine: its state, and every rank's too when the variant's state is per rank
-    (Lightning writes rank 0's only; a collective: every rank calls it)."""
-    state = engine.state_dict()
-    if engine.variant.per_rank_state and world_size() > 1:
-        return {"engine": state, "engine_per_rank": gather_objects(state)}
-    return {"engine": state}
-
-
-def engine_state_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
-    """This rank's engine state: its own when the checkpoint holds one per rank (same world size), else rank 0's."""
-    per_rank = state.get("engine_per_rank")
-    if per_rank and len(per_rank) == world_size():
-        return per_rank[rank()]
-    if per_rank:
-        rank_zero_warn(
-            f"The checkpoint holds per-rank SAM state for {len(per_rank)} ranks, but {world_size()} are running: "
-            "every rank resumes from rank 0's state."
-        )
-    return state["engine"]
 
 
 # ---------------------------------------------------------------------------------------------- the step

@@ -24,9 +24,10 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_sam.checkpointing import engine_checkpoint_state, put_engine_tensors, read_engine_tensors
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.engine import SAMEngine
-from lightning_sam.glue import build_driver, check_trainer, collect_samples, engine_checkpoint_state
+from lightning_sam.glue import build_driver, check_trainer, collect_samples
 from lightning_sam.metrics import StepMetrics, should_log
 from lightning_sam.precision import gradients_of
 from lightning_sam.replays import ManualReplay
@@ -34,6 +35,7 @@ from lightning_sam.settings import SAMSettings
 from lightning_sam.sharding import ShardedReduction, local
 from lightning_sam.side_effects import SecondPassGuard
 from lightning_sam.step import TwoPassStep
+from lightning_sam.strategies import writes_distributed_checkpoint
 from lightning_sam.tensor_ops import global_norm
 from lightning_sam.variants import Variant
 
@@ -108,14 +110,22 @@ class SAMMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         drivers = self.__dict__.get("_sam_drivers") or {}
-        if drivers:  # every rank calls this hook: per-rank state is gathered here
-            checkpoint[self._SAM_CHECKPOINT_KEY] = {i: engine_checkpoint_state(d.engine) for i, d in drivers.items()}
+        if drivers:  # every rank calls this hook: per-rank state is gathered here, or written per rank (sharded)
+            apart = writes_distributed_checkpoint(self.trainer)  # type: ignore[attr-defined]
+            entries = {}
+            for index, driver in sorted(drivers.items()):
+                entries[index], tensors = engine_checkpoint_state(driver.engine, tensors_apart=apart)
+                put_engine_tensors(checkpoint, index, tensors)
+            checkpoint[self._SAM_CHECKPOINT_KEY] = entries
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(self._SAM_CHECKPOINT_KEY)
         if state:
-            self._sam_pending_state = dict(state)
+            path = self.trainer.ckpt_path  # type: ignore[attr-defined]
+            self._sam_pending_state = {
+                i: read_engine_tensors(entry, checkpoint, path, i) for i, entry in sorted(state.items())
+            }
             self._sam_drivers = {}
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 

@@ -76,6 +76,12 @@ def is_sharded_strategy(trainer: Trainer) -> bool:
     return isinstance(trainer.strategy, ModelParallelStrategy)
 
 
+def writes_distributed_checkpoint(trainer: Trainer) -> bool:
+    """Whether the strategy saves a distributed checkpoint (``ModelParallelStrategy``, unless built with
+    ``save_distributed_checkpoint=False``): the optimizer states are written per rank, the rest by rank 0."""
+    return is_sharded_strategy(trainer) and bool(getattr(trainer.strategy, "_save_distributed_checkpoint", True))
+
+
 def resolve_sync_ascent(trainer: Trainer, sync_ascent: bool | None) -> bool:
     """The ``sync_ascent`` a fit runs with: under DDP, the user's choice (default False: local pass 1); under
     ModelParallelStrategy always True, since FSDP reduce-scatters every backward (pass 1 is the global gradient);

@@ -68,12 +68,14 @@ CASES = {
     "mixin_fsam": Case("fsam", mixin=True, optimizer="adamw"),
     "bf16": Case("sam", {"rho": 0.2}, precision="bf16-mixed"),
     "bf16_true": Case("fsam", {"rho": 0.2}, precision="bf16-true"),
-    # resume at an epoch boundary: per-shard state (F-SAM's EMA, LookSAM's g_v) through Lightning's distributed
-    # checkpoint; the resumed run must end bit-identical to the uninterrupted one
+    # resume at an epoch boundary: per-shard state (F-SAM's EMA, LookSAM's g_v) written per rank through Lightning's
+    # distributed checkpoint (callback and mixin); the resumed run must end bit-identical to the uninterrupted one
     "fsam_straight": Case("fsam", epochs=3, save_every_epoch=True),
     "fsam_resumed": Case("fsam", epochs=3, resume_from="fsam_straight"),
     "looksam_straight": Case("looksam", {"k": 3}, epochs=3, save_every_epoch=True),
     "looksam_resumed": Case("looksam", {"k": 3}, epochs=3, resume_from="looksam_straight"),
+    "mixin_fsam_straight": Case("fsam", mixin=True, optimizer="adamw", epochs=3, save_every_epoch=True),
+    "mixin_fsam_resumed": Case("fsam", mixin=True, optimizer="adamw", epochs=3, resume_from="mixin_fsam_straight"),
     # SSAM: masks selected over every shard (exact density, the one-process run's masks), Fisher sums over the
     # data-parallel ranks, sparsity 0 = SAM
     "ssam_fisher": Case("ssam", FISHER, union_options={"num_samples": 2 * RANK_BATCH}),

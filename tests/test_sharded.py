@@ -22,12 +22,13 @@ SSAM = ["ssam_fisher", "ssam_structured", "ssam_dst", "ssam_zero", "mixin_ssam"]
 TRAINED = ["sam", "asam", "fsam", "looksam", "xsam", "interval", "mixin_fsam", "bf16", "bf16_true", *SSAM, "ssam_nm"]
 REFUSED = ["refuse_local_ascent"]
 RESUMED = ["fsam_straight", "fsam_resumed", "looksam_straight", "looksam_resumed"]
+MIXIN_RESUMED = ["mixin_fsam_straight", "mixin_fsam_resumed"]
 SSAM_RESUMED = ["ssam_dst_straight", "ssam_dst_resumed"]
 # the 2-D mesh (4 processes on CI's 2 cores) runs the cases that exercise its placements: _StridedShard and
 # Shard x Shard weights, Shard x Replicate biases, FSDP-only layers held by both TP ranks
 LAYOUT_CASES = {
-    "fsdp": TRAINED + REFUSED + RESUMED + SSAM_RESUMED,
-    "tp": [c for c in TRAINED if c != "ssam_nm"] + REFUSED + ["refuse_ssam_nm"] + RESUMED,
+    "fsdp": TRAINED + REFUSED + RESUMED + MIXIN_RESUMED + SSAM_RESUMED,
+    "tp": [c for c in TRAINED if c != "ssam_nm"] + REFUSED + ["refuse_ssam_nm"] + RESUMED + MIXIN_RESUMED,
     "fsdp_tp": ["sam", "fsam", "xsam", "mixin_fsam", "fsam_straight", "fsam_resumed", "ssam_fisher", "ssam_dst"],
 }
 # fp32: the sharded run sums the same products in another order (reduce-scatter, shard norms); bf16: a batch of 8
@@ -112,23 +113,35 @@ def test_ssam_dst_resume_at_an_epoch_boundary_is_exact(sharded_runs):
         assert torch.equal(weight, resumed[name]), f"{layout} {name}"
 
 
-@pytest.mark.parametrize("variant", ["fsam", "looksam"])
+@pytest.mark.parametrize("variant", ["fsam", "looksam", "mixin_fsam"])
 def test_resume_at_an_epoch_boundary_is_exact_with_every_ranks_shard_state(sharded_runs, variant):
-    """Lightning's distributed checkpoint writes the callback states from rank 0 only (``meta.pt``): the engine's
-    per-shard state of every rank travels there, and each rank resumes its own."""
+    """Lightning's distributed checkpoint writes each rank's shard of the engine state (in the optimizer state, per
+    rank); ``meta.pt`` (rank 0 alone) holds only placeholders; each rank resumes its own shard."""
+    from lightning_sam.rank_tensors import placeholders, read_tensors
+
     layout, out, results = case_of(sharded_runs, f"{variant}_straight")
     straight, resumed = results[f"{variant}_straight"]["weights"], results[f"{variant}_resumed"]["weights"]
     for name, weight in straight.items():
         assert torch.equal(weight, resumed[name]), f"{layout} {variant} {name}"
     checkpoint = next((out / f"{variant}_straight" / "checkpoints").glob("epoch=0-*"))
-    meta = torch.load(checkpoint / "meta.pt", weights_only=False)
-    (state,) = [s for key, s in meta["callbacks"].items() if key.startswith("SAMCallback")]
-    per_rank = state["engine_per_rank"]
+    meta = torch.load(checkpoint / "meta.pt", weights_only=True)
+    if variant.startswith("mixin"):
+        entry = meta["lightning_sam.SAMMixin"][0]
+    else:
+        (entry,) = [s for key, s in meta["callbacks"].items() if key.startswith("SAMCallback")]
+    per_rank = entry["engine_per_rank"]
     assert len(per_rank) == (4 if layout == "fsdp_tp" else 2)
-    buffers = "ema" if variant == "fsam" else "g_v"
-    ranks = [per_rank[r]["variant_state"][buffers] for r in range(2)]
-    # the shards differ between the ranks (different slices of the same weights)
+    leaves = []
+    torch.utils._pytree.tree_map(leaves.append, entry)
+    assert not any(isinstance(leaf, torch.Tensor) for leaf in leaves), "meta.pt holds tensors of the engine state"
+    buffers = "ema" if "fsam" in variant else "g_v"
+    ranks = [read_tensors(str(checkpoint), ("optimizer_0", "lightning_sam"), per_rank[r]) for r in range(2)]
+    ranks = [state["variant_state"][buffers] for state in ranks]
+    assert set(placeholders(per_rank[1])) and all(key.startswith("rank1/") for key in placeholders(per_rank[1]))
+    # the shards differ between the ranks (different slices of the same weights), each a shard's size
     assert any(not torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    whole = sum(p.numel() for p in build_net().parameters())
+    assert sum(t.numel() for t in ranks[0].values()) < whole
 
 
 def test_the_sharded_example_trains_on_two_ranks():

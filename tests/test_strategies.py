@@ -210,7 +210,7 @@ def test_static_graph_is_rejected_unless_sync_ascent():
 
 
 def test_per_rank_state_from_another_world_size_falls_back_to_rank_zero_with_a_warning():
-    from lightning_sam.callback import engine_state_for_this_rank
+    from lightning_sam.checkpointing import engine_state_for_this_rank
 
     state = {"engine": {"step": 1}, "engine_per_rank": [{"step": 1}, {"step": 2}]}
     with pytest.warns(UserWarning, match="every rank resumes from rank 0"):

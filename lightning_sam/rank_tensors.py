@@ -1,0 +1,94 @@
+"""Per-rank state through ``torch.distributed.checkpoint`` (DCP): each rank writes and reads its own tensors.
+
+Under sharded training a variant's state differs on every rank (F-SAM's EMA of the rank's shards, LookSAM's ``g_v``,
+SSAM's kept indices and Fisher sums). Gathering it into one file would put the whole state in one process's memory;
+instead the state is split in two:
+
+- a *skeleton*: the state with every tensor replaced by a placeholder ``{PLACEHOLDER: key, "shape": [...],
+  "dtype": "float32"}``: small, picklable with ``weights_only=True``, kept with the checkpoint's metadata;
+- the tensors, keyed ``"rank<r>/<path in the state>"``: written by a DCP save in which every rank contributes its own
+  keys (DCP writes a plain tensor once per key, so distinct keys means each rank writes exactly its own).
+
+:func:`read_tensors` loads a skeleton's tensors back from the checkpoint directory (a collective: every rank calls
+it, with its own skeleton). Pure PyTorch: no Lightning import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PLACEHOLDER = "lightning_sam.rank_tensor"
+
+
+def split_tensors(state: Any, prefix: str) -> tuple[Any, dict[str, Tensor]]:
+    """``(skeleton, tensors)``: ``state`` (nested dicts, lists, tuples) with each tensor replaced by a placeholder, and
+    the tensors by key (``f"{prefix}/{path}"``, the path of the tensor in ``state`` joined by ``/``). The tensors are
+    the state's own (detached, not copied)."""
+    tensors: dict[str, Tensor] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, Tensor):
+            key = "/".join((prefix, *path))
+            tensors[key] = node.detach()
+            return {PLACEHOLDER: key, "shape": list(node.shape), "dtype": str(node.dtype).removeprefix("torch.")}
+        if isinstance(node, dict):
+            return {name: walk(value, (*path, str(name))) for name, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(value, (*path, str(i))) for i, value in enumerate(node))
+        return node
+
+    return walk(state, ()), tensors
+
+
+def _is_placeholder(node: Any) -> bool:
+    return isinstance(node, dict) and PLACEHOLDER in node
+
+
+def placeholders(skeleton: Any) -> dict[str, tuple[list[int], torch.dtype]]:
+    """The tensors a skeleton stands for: ``{key: (shape, dtype)}``."""
+    found: dict[str, tuple[list[int], torch.dtype]] = {}
+
+    def walk(node: Any) -> None:
+        if _is_placeholder(node):
+            found[node[PLACEHOLDER]] = (list(node["shape"]), getattr(torch, node["dtype"]))
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(skeleton)
+    return found
+
+
+def fill_tensors(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
+    """The state a skeleton stands for, each placeholder replaced by ``tensors[key]``."""
+    if _is_placeholder(skeleton):
+        return tensors[skeleton[PLACEHOLDER]]
+    if isinstance(skeleton, dict):
+        return {name: fill_tensors(value, tensors) for name, value in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(fill_tensors(value, tensors) for value in skeleton)
+    return skeleton
+
+
+def read_tensors(checkpoint_dir: str, namespace: Sequence[str], skeleton: Any) -> Any:
+    """``skeleton`` filled from the DCP checkpoint in ``checkpoint_dir``, where its tensors were saved under the nested
+    keys ``namespace`` (e.g. ``("optimizer_0", "lightning_sam")``). Loaded on the CPU. A collective under
+    torch.distributed: every rank calls it (a rank without tensors passes a skeleton without placeholders)."""
+    import torch.distributed.checkpoint as dcp
+
+    templates = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in placeholders(skeleton).items()}
+    nested: dict[str, Any] = templates
+    for name in reversed(namespace):
+        nested = {name: nested}
+    dcp.load(nested, checkpoint_id=checkpoint_dir)
+    return fill_tensors(skeleton, templates)
+
+
+__all__ = ["PLACEHOLDER", "fill_tensors", "placeholders", "read_tensors", "split_tensors"]
