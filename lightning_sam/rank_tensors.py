@@ -10,11 +10,14 @@ instead the state is split in two:
   keys (DCP writes a plain tensor once per key, so distinct keys means each rank writes exactly its own).
 
 :func:`read_tensors` loads a skeleton's tensors back from the checkpoint directory (a collective: every rank calls
-it, with its own skeleton). Pure PyTorch: no Lightning import.
+it, with its own skeleton). Outside the Trainer, :func:`save_rank_state` / :func:`load_rank_state` write and read a
+whole per-rank state in a directory of its own. Pure PyTorch: no Lightning import.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,4 +94,51 @@ def read_tensors(checkpoint_dir: str, namespace: Sequence[str], skeleton: Any) -
     return fill_tensors(skeleton, templates)
 
 
-__all__ = ["PLACEHOLDER", "fill_tensors", "placeholders", "read_tensors", "split_tensors"]
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def save_rank_state(state: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
+    """Write ``state`` (e.g. ``engine.state_dict()``) of every rank into one DCP checkpoint directory, each rank its
+    own: its skeleton (serialized, under ``skeletons/rank<r>``) and its tensors. A collective: every rank calls it.
+    For loops outside the Trainer (Fabric under ``ModelParallelStrategy``, plain ``torch.distributed``), where
+    ``fabric.save`` would keep rank 0's state only; read it back with :func:`load_rank_state`."""
+    import torch.distributed.checkpoint as dcp
+
+    rank = _rank()
+    skeleton, tensors = split_tensors(state, f"rank{rank}")
+    buffer = io.BytesIO()
+    torch.save(skeleton, buffer)
+    dcp.save({"skeletons": {f"rank{rank}": buffer.getvalue()}, "tensors": tensors}, checkpoint_id=checkpoint_dir)
+
+
+def load_rank_state(checkpoint_dir: str | os.PathLike[str]) -> Any:
+    """This rank's state written by :func:`save_rank_state` (tensors on the CPU). The world size must be the one of
+    the save. A collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    rank = _rank()
+    saved = dcp.FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    if f"skeletons.rank{rank}" not in saved:
+        ranks = sum(key.startswith("skeletons.rank") for key in saved)
+        raise RuntimeError(
+            f"{checkpoint_dir} holds the SAM state of {ranks} ranks, not of rank {rank}: per-rank state resumes with "
+            "the world size (and parallel layout) it was saved with."
+        )
+    blobs: dict[str, Any] = {f"rank{rank}": b""}
+    dcp.load({"skeletons": blobs}, checkpoint_id=checkpoint_dir)
+    skeleton = torch.load(io.BytesIO(blobs[f"rank{rank}"]), weights_only=True)
+    return read_tensors(str(checkpoint_dir), ("tensors",), skeleton)
+
+
+__all__ = [
+    "PLACEHOLDER",
+    "fill_tensors",
+    "load_rank_state",
+    "placeholders",
+    "read_tensors",
+    "save_rank_state",
+    "split_tensors",
+]

@@ -36,6 +36,7 @@ from sharded_cases import build_net, full_weights, loader
 
 from lightning_sam import SAMEngine
 from lightning_sam.distributed import gather_objects
+from lightning_sam.rank_tensors import load_rank_state, save_rank_state
 from lightning_sam.sharding import local
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -60,8 +61,9 @@ def parallelize(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
     return model
 
 
-def train(fabric: Fabric, variant: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Train a fresh net with ``variant``; returns (on every rank) its full weights and what this rank held."""
+def train(fabric: Fabric, variant: str, options: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """Train a fresh net with ``variant``; returns (on every rank) its full weights and what this rank held, and
+    whether its engine state comes back from ``save_rank_state`` / ``load_rank_state`` into a fresh engine."""
     model = fabric.setup_module(build_net())  # parallelize_fn runs here: the parameters become DTensor shards
     optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     # the Fabric wrapper is unwrapped to the user's module: its names key the state, its FSDP2 modules reshard
@@ -92,6 +94,14 @@ def train(fabric: Fabric, variant: str, options: dict[str, Any]) -> dict[str, An
         refused = ""
     except ValueError as error:
         refused = str(error)
+    state_dir = os.path.join(out_dir, f"sam-{variant}")  # every rank writes its own state, none gathers
+    save_rank_state(engine.state_dict(), state_dir)
+    fresh = SAMEngine.from_optimizer(optimizer, model, variant, **options)
+    fresh.load_state_dict(load_rank_state(state_dir))
+    leaves = [torch.utils._pytree.tree_leaves(e.state_dict()) for e in (engine, fresh)]
+    round_trip = len(leaves[0]) == len(leaves[1]) and all(
+        torch.equal(a, b) if isinstance(a, Tensor) else a == b for a, b in zip(*leaves)
+    )
     held = sum(local(p).numel() for p in model.parameters())
     saved = sum(view.numel() for view in engine._saved_views or [])
     return {
@@ -102,6 +112,7 @@ def train(fabric: Fabric, variant: str, options: dict[str, Any]) -> dict[str, An
         "held": held,
         "saved": saved,
         "no_sync_refused": refused,
+        "state_round_trip": round_trip,
     }
 
 
@@ -112,7 +123,7 @@ def main(out_dir: str, variants: list[str]) -> None:
     )
     fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy, precision="32-true")
     fabric.launch()
-    results = {variant: train(fabric, variant, VARIANTS[variant]) for variant in variants}
+    results = {variant: train(fabric, variant, VARIANTS[variant], out_dir) for variant in variants}
     held = gather_objects({variant: (r["held"], r["saved"]) for variant, r in results.items()})
     for variant, result in results.items():
         result["held_per_rank"] = [per_rank[variant] for per_rank in held]  # [(elements, saved copy) per rank]

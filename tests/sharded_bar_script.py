@@ -7,7 +7,7 @@ model, the data and :func:`fit` from here for the one-process reference runs.
 
 The model: a tiny BERT built from a config (random init, no download) with peft LoRA on ``query``, ``value`` and the
 word embeddings (both factors random, so that both get gradients from the first step), and the classifier trained in
-full. Layouts:
+full. BAR runs through ``SAMCallback``, or through ``SAMMixin.sam_step`` (the ``*_mixin`` cases). Layouts:
 
 * ``fsdp``: ModelParallelStrategy(data_parallel_size=2), ``fully_shard`` on the first encoder block and on the
   root; rank ``r`` trains on its own half of each batch. Every factor is split over the two ranks (dim 0).
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightning_sam import SAMCallback
+from lightning_sam import SAMCallback, SAMMixin
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -50,6 +50,7 @@ class Case:
     layout: str  # "fsdp" or "tp"
     options: dict[str, Any] = field(default_factory=dict)  # SAMCallback("bar", **options); None: no callback
     bar: bool = True
+    mixin: bool = False  # SAMMixin's sam_step (manual optimization) instead of the callback
 
 
 CASES = {
@@ -57,6 +58,8 @@ CASES = {
     "fsdp_obar": Case("fsdp", {"mu0": 2.0, "rule": "obar", "schedule": "cosine"}),
     "tp_nbar": Case("tp", {"mu0": 2.0}),
     "tp_obar": Case("tp", {"mu0": 2.0, "rule": "obar", "schedule": "constant"}),
+    "fsdp_nbar_mixin": Case("fsdp", {"mu0": 2.0}, mixin=True),
+    "tp_obar_mixin": Case("tp", {"mu0": 2.0, "rule": "obar", "schedule": "constant"}, mixin=True),
 }
 
 
@@ -131,6 +134,17 @@ class LoRAClassifier(L.LightningModule):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
 
 
+class MixinLoRAClassifier(SAMMixin, LoRAClassifier):
+    def __init__(self, case: Case, layout: str) -> None:
+        super().__init__(case, layout)
+        self.automatic_optimization = False
+        self.configure_sam("bar", **case.options)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        return self.sam_step(lambda: F.cross_entropy(self.model(input_ids=tokens).logits, labels))
+
+
 def data() -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (SAMPLES, LENGTH), generator=generator)
@@ -156,7 +170,7 @@ def trained_weights(module: nn.Module) -> dict[str, Tensor]:
 def fit(case: Case, layout: str, root: Path) -> tuple[dict[str, Tensor], dict[str, Any], int]:
     """Train ``case`` under ``layout`` (``case.layout``, or ``single-<layout>``); returns the trained weights, the
     logged metrics and the global rank."""
-    callback = SAMCallback("bar", **case.options) if case.bar else None
+    callback = SAMCallback("bar", **case.options) if case.bar and not case.mixin else None
     options: dict[str, Any] = {}
     if not layout.startswith("single"):
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -179,11 +193,12 @@ def fit(case: Case, layout: str, root: Path) -> tuple[dict[str, Tensor], dict[st
         callbacks=[callback] if callback is not None else [],
         **options,
     )
-    module = LoRAClassifier(case, layout)
+    module = (MixinLoRAClassifier if case.bar and case.mixin else LoRAClassifier)(case, layout)
     trainer.fit(module)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if callback is not None:  # how many ranks hold each factor's coordinates, as BAR's reduction counts them
-        groups = callback.engine.variant._groups
+    engine = callback.engine if callback is not None else getattr(module, "sam_engine", None)
+    if engine is not None:  # how many ranks hold each factor's coordinates, as BAR's reduction counts them
+        groups = engine.variant._groups
         metrics["holders"] = sorted({c for g in groups if g.reduction is not None for c in g.reduction.counts})
     return trained_weights(module.model), metrics, trainer.global_rank
 

@@ -85,6 +85,7 @@ def test_fabric_fsdp2_run_equals_one_process_on_the_union_batch(
     assert engine is not None
     assert run["steps"] == engine.step_count == 4 * EPOCHS  # 4 batches of 8 per epoch on each rank
     assert "no_sync cannot be used with sharded parameters" in run["no_sync_refused"]
+    assert run["state_round_trip"], "save_rank_state / load_rank_state did not give this rank's engine state back"
     difference = max_difference(run["weights"], expected)
     print(f"{variant}: max |fabric - single| = {difference:.3g}")
     assert difference <= TOLERANCE, f"{variant}: {difference:.3g} > {TOLERANCE:.3g}"

@@ -29,7 +29,10 @@ SSAM_RESUMED = ["ssam_dst_straight", "ssam_dst_resumed"]
 LAYOUT_CASES = {
     "fsdp": TRAINED + REFUSED + RESUMED + MIXIN_RESUMED + SSAM_RESUMED,
     "tp": [c for c in TRAINED if c != "ssam_nm"] + REFUSED + ["refuse_ssam_nm"] + RESUMED + MIXIN_RESUMED,
-    "fsdp_tp": ["sam", "fsam", "xsam", "mixin_fsam", "fsam_straight", "fsam_resumed", "ssam_fisher", "ssam_dst"],
+    "fsdp_tp": [
+        *["sam", "asam", "fsam", "looksam", "xsam", "mixin_fsam", "fsam_straight", "fsam_resumed"],
+        *["ssam_fisher", "ssam_dst"],
+    ],
 }
 # fp32: the sharded run sums the same products in another order (reduce-scatter, shard norms); bf16: a batch of 8
 # instead of 16 per matmul rounds differently (bf16-true: a few ulps of bf16 weights, 2**-7 each for weights in [1, 2))
