@@ -1,8 +1,8 @@
 """SAM's extra memory per rank under DDP and under FSDP2 (a benchmark script, not a test).
 
 Two gloo processes on the CPU train the same model for a few optimizer steps with ``SAMCallback(variant)``, for the
-variants ``sam``, ``fsam`` and ``ssam`` (Fisher mask from each rank's first batch, sparsity 0.5), under two
-strategies:
+variants ``sam``, ``fsam`` and ``ssam`` (Fisher mask from each rank's first batch, sparsity 0.5, ``storage="sparse"``),
+under two strategies:
 
 * ``ddp``: ``Trainer(strategy="ddp", devices=2)``: every rank holds every parameter whole;
 * ``fsdp2``: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``fully_shard`` on every
@@ -65,7 +65,7 @@ from lightning_sam import SAMCallback
 STRATEGIES = ("ddp", "fsdp2")
 VARIANTS = ("sam", "fsam", "ssam")
 WORLD = 2
-OPTIONS = {"ssam": {"sparsity": 0.5, "mask_every": 100}}  # a Fisher mask from each rank's first batch
+OPTIONS = {"ssam": {"sparsity": 0.5, "mask_every": 100, "storage": "sparse"}}  # Fisher mask from the first batch
 MB = 2**20
 LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")  # set by Lightning's launcher for its child processes
 

@@ -14,9 +14,11 @@ momentum, cross-entropy. One run measures three things:
     wall and process CPU time (the CPU clock is the one to trust on a shared machine with one thread).
 
 (b) **Extra memory**. SAM's extra is the engine's saved copy of the weights: ``sum(numel * element_size)`` over the
-    trained parameters. SSAM's is what the variant keeps per step on the parameters' device: the saved kept
-    coordinates (``variant._saved``), the int32 flat indices (``variant._device_index``) and the shared scratch
-    buffers (``variant._scratch``), each ``numel * element_size``. Printed for several masks and sparsities with the
+    trained parameters. SSAM's (``storage="sparse"``, the storage this benchmark times) is what the variant keeps
+    per step on the parameters' device: the saved kept coordinates (``variant._saved``), the int32 flat indices
+    (``variant._device_index``) and the shared scratch buffers (``variant._scratch``), each ``numel *
+    element_size``; the last rows show the default ``storage="dense"`` (a whole saved copy and bool masks,
+    ``variant._dense_masks``, in the index column). Printed for several masks and sparsities with the
     ratio SSAM extra / SAM extra. Also listed: the host-side int64 copy of the kept indices (``variant._kept``, on
     the CPU whatever the device: on a CPU run it is in the same memory) and the fp32 Fisher partial sums that exist
     while a refresh spans several steps. With ``--device cuda`` it also measures ``torch.cuda.memory_allocated``
@@ -72,6 +74,9 @@ MEMORY_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("fisher 2:4", {"pattern": "n:m", "n": 2, "m": 4}),
     ("dst s=0.5", {"sparsity": 0.5, "mask": "dst", "total_steps": 1000}),
     ("dst s=0.9", {"sparsity": 0.9, "mask": "dst", "total_steps": 1000}),
+    # the default storage, for comparison: a whole saved copy and a bool mask per partly kept tensor
+    ("fisher unstructured s=0.5, storage=dense", {"sparsity": 0.5, "storage": "dense"}),
+    ("fisher unstructured s=0.9, storage=dense", {"sparsity": 0.9, "storage": "dense"}),
 ]
 
 
@@ -89,7 +94,9 @@ def param_bytes(model: nn.Module) -> int:
 
 
 def ssam_engine(model: nn.Module, **options: Any) -> SAMEngine:
-    return SAMEngine(model.named_parameters(), "ssam", **{"mask_every": NEVER, **options})
+    """SSAM with the sparse storage (the kept coordinates only: what this benchmark measures) unless ``options``
+    name another."""
+    return SAMEngine(model.named_parameters(), "ssam", **{"mask_every": NEVER, "storage": "sparse", **options})
 
 
 def sparsity_name(s: float) -> str:
@@ -273,6 +280,7 @@ def memory_table(spec: wl.ModelSpec, device: torch.device) -> dict[str, Any]:
         engine_step(engine, model, optimizer, batch)
         v = engine.variant
         saved, index, scratch = nbytes(v._saved), nbytes(v._device_index), nbytes(v._scratch)
+        index += nbytes(v._dense_masks)  # dense storage: its bool masks stand in for the indices
         host = nbytes([k for k in v._kept if k is not None]) if v._kept is not None else 0
         extra = saved + index + scratch
         rows[label] = {

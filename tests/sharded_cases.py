@@ -83,6 +83,7 @@ CASES = {
         "ssam", {**FISHER, "pattern": "structured", "sparsity": 0.5}, union_options={"num_samples": 2 * RANK_BATCH}
     ),
     "ssam_nm": Case("ssam", {**FISHER, "pattern": "n:m"}, union_options={"num_samples": 2 * RANK_BATCH}),
+    "ssam_sparse": Case("ssam", {**FISHER, "storage": "sparse"}, union_options={"num_samples": 2 * RANK_BATCH}),
     "ssam_dst": Case("ssam", {"mask": "dst", "sparsity": 0.7, "mask_every": 2}),
     "ssam_zero": Case("ssam", {"sparsity": 0.0}),
     "mixin_ssam": Case("ssam", FISHER, mixin=True, optimizer="adamw", union_options={"num_samples": 2 * RANK_BATCH}),

@@ -18,7 +18,7 @@ from sharded_cases import CASES, build_net, fit
 SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_script.py")
 pytestmark = pytest.mark.slow
 
-SSAM = ["ssam_fisher", "ssam_structured", "ssam_dst", "ssam_zero", "mixin_ssam"]
+SSAM = ["ssam_fisher", "ssam_sparse", "ssam_structured", "ssam_dst", "ssam_zero", "mixin_ssam"]
 TRAINED = ["sam", "asam", "fsam", "looksam", "xsam", "interval", "mixin_fsam", "bf16", "bf16_true", *SSAM, "ssam_nm"]
 REFUSED = ["refuse_local_ascent"]
 RESUMED = ["fsam_straight", "fsam_resumed", "looksam_straight", "looksam_resumed"]
@@ -100,6 +100,12 @@ def test_ssam_mask_density_over_the_shards_is_exact(sharded_runs, case, sparsity
     assert results[case]["metrics"]["sam/mask_density_step"] == pytest.approx(
         round(total * (1 - sparsity)) / total, abs=1e-7
     )
+
+
+def test_ssam_sparse_storage_equals_dense_on_the_shards(sharded_runs):
+    _, _, results = case_of(sharded_runs, "ssam_sparse")
+    for name, weight in results["ssam_fisher"]["weights"].items():
+        assert torch.equal(results["ssam_sparse"]["weights"][name], weight), name
 
 
 def test_ssam_at_sparsity_zero_is_sam(sharded_runs):

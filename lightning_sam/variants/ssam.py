@@ -14,11 +14,15 @@ smallest ``|g|`` and regrowing as many among the dead ones at random, with the c
 ``mask_every`` optimizer steps. Until the first Fisher mask exists a step is a plain optimizer step on ``g`` (no
 pass 2). ``sparsity = 0`` is SAM exactly, from the first step.
 
-Only the kept coordinates are saved, perturbed and restored (flat indices computed at a refresh, then
-``index_select`` / ``index_add_`` / ``index_put_`` with static shapes: no host sync per step), so the extra memory
-falls with the sparsity. Defaults: ``rho = 0.05``, ``sparsity = 0.5``, ``num_samples = 128``,
-``fisher_batch_size = 1``, ``mask_every = 100`` steps (the callback: one epoch for fisher, five for dst),
-``drop_rate = 0.5``, ``n, m = 2, 4``.
+How the step is stored (``storage=``): ``"dense"`` (default) keeps a whole saved copy of the weights and a bool mask
+per tensor, and runs the step as SAM does, a few foreach ops over all tensors (``w`` saved, ``e <- e * M``,
+``w <- w + e``, ``w`` copied back): as fast as SAM with many tensors, 5 bytes of extra memory per fp32 coordinate.
+``"sparse"`` saves, perturbs and restores the kept coordinates only (flat indices computed at a refresh, then
+``index_select`` / ``index_add_`` / ``index_put_`` per tensor with static shapes: no host sync per step): 8 bytes
+per *kept* coordinate, so the extra memory falls with the sparsity (less than dense below a density of 5/8), at
+the price of a few ops per tensor and step. Both give the same weights, bit for bit. Defaults: ``rho = 0.05``,
+``sparsity = 0.5``, ``num_samples = 128``, ``fisher_batch_size = 1``, ``mask_every = 100`` steps (the callback:
+one epoch for fisher, five for dst), ``drop_rate = 0.5``, ``n, m = 2, 4``, ``storage = "dense"``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from lightning_sam.variants.base import RunLength, StepTensors, Variant
 
 MASKS = ("fisher", "dst")
 PATTERNS = ("unstructured", "structured", "n:m")
+STORAGES = ("dense", "sparse")
 
 
 class SSAM(Variant, name="ssam"):
@@ -57,6 +62,8 @@ class SSAM(Variant, name="ssam"):
         drop_rate: DST's initial drop fraction, in ``[0, 1]`` (default 0.5).
         seed: seeds DST's random start and regrowth (identical on every rank).
         total_steps: ``T`` of DST's cosine schedule (the callback fills it in from the Trainer).
+        storage: ``"dense"`` (default: a whole saved copy and bool masks, foreach ops, SAM's speed) or ``"sparse"``
+            (the kept coordinates only: less memory at high sparsity, per-tensor index ops).
     """
 
     def __init__(
@@ -73,11 +80,13 @@ class SSAM(Variant, name="ssam"):
         drop_rate: float = 0.5,
         seed: int = 0,
         total_steps: int | None = None,
+        storage: str = "dense",
     ) -> None:
         super().__init__(rho)
         sparsity = check.real("ssam", "sparsity", sparsity, "in [0, 1)", " (the fraction NOT perturbed)")
         check.choice("ssam", "mask", mask, MASKS)
         check.choice("ssam", "pattern", pattern, PATTERNS)
+        check.choice("ssam", "storage", storage, STORAGES)
         if mask == "dst" and pattern != "unstructured":
             raise ValueError("ssam: mask='dst' takes pattern='unstructured' only; use mask='fisher' for other patterns")
         check.integer("ssam", "n", n, 1)
@@ -102,6 +111,7 @@ class SSAM(Variant, name="ssam"):
         self.drop_rate = float(drop_rate)
         self.seed = seed
         self.total_steps = total_steps
+        self.storage = storage
         # state
         self._names: list[str] = []
         self._params: list[Tensor] = []
@@ -116,10 +126,12 @@ class SSAM(Variant, name="ssam"):
         # Fisher partial sums differ per rank while a refresh spans steps: checkpoint every rank's
         self.per_rank_state = mask == "fisher"
         self.fully_perturbed: list[str] = []  # N:M: tensors that cannot take the pattern, perturbed whole
-        # per-step buffers, rebuilt at a refresh
+        # per-step buffers, rebuilt at a refresh (sparse: kept indices on the device; dense: bool masks)
         self._device_index: dict[str, Tensor | None] = {}
         self._saved: dict[str, Tensor] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._dense_masks: dict[str, Tensor | None] = {}
+        self._lists: tuple[object, list[Tensor], list[int], list[Tensor]] | None = None  # dense: per step's names
 
     @classmethod
     def run_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
@@ -178,6 +190,9 @@ class SSAM(Variant, name="ssam"):
             if step.step > 0:  # step 0 keeps the random start
                 self._refresh_dst(step)
             self._next_dst = (step.step // self.mask_every + 1) * self.mask_every
+        if self.storage == "dense":
+            torch._foreach_copy_(self._dense_lists(step)[0], step.params)
+            return
         for name, p in zip(step.names, step.params):
             index, saved = self._device_index[name], self._saved[name]
             if index is None:
@@ -186,6 +201,12 @@ class SSAM(Variant, name="ssam"):
                 torch.index_select(p.reshape(-1), 0, index, out=saved)
 
     def apply_(self, step: StepTensors) -> Tensor | None:
+        if self.storage == "dense":
+            _, masked, masks_ = self._dense_lists(step)
+            if masked:
+                torch._foreach_mul_([step.grads[i] for i in masked], masks_)
+            torch._foreach_add_(step.params, step.grads)
+            return step.norm(step.grads) if step.measure else None
         squares: list[Tensor] = []
         measure = step.measure
         for name, p, e in zip(step.names, step.params, step.grads):
@@ -217,12 +238,27 @@ class SSAM(Variant, name="ssam"):
         return (per_tensor.sum() if step.reduction is None else step.reduction.total(per_tensor)).sqrt()
 
     def restore_(self, step: StepTensors) -> None:
+        if self.storage == "dense":
+            torch._foreach_copy_(step.params, self._dense_lists(step)[0])
+            return
         for name, p in zip(step.names, step.params):
             index, saved = self._device_index[name], self._saved[name]
             if index is None:
                 p.copy_(saved)
             elif index.numel():
                 p.reshape(-1).index_put_((index,), saved)
+
+    def _dense_lists(self, step: StepTensors) -> tuple[list[Tensor], list[int], list[Tensor]]:
+        """Dense storage, aligned with ``step.params``: the saved copies, the positions of the masked tensors and
+        their masks. Built when the step's parameter list or the mask changes (the engine keeps the same names list
+        while the same parameters have gradients), so a step builds no list."""
+        if self._lists is None or self._lists[0] is not step.names:
+            saved = [self._saved[name] for name in step.names]
+            masked = [i for i, name in enumerate(step.names) if self._dense_masks[name] is not None]
+            masks_ = [self._dense_masks[step.names[i]] for i in masked]
+            self._lists = (step.names, saved, masked, masks_)  # type: ignore[assignment]
+        _, saved, masked, masks_ = self._lists  # type: ignore[misc]
+        return saved, masked, masks_
 
     # ------------------------------------------------------------------ Fisher
     def samples_needed(self, step_index: int) -> int:
@@ -295,6 +331,10 @@ class SSAM(Variant, name="ssam"):
             self._last_change = torch.tensor(round(totals[1]) / max(1, self._kept_total))
         self._refreshed = True
         self._kept = new
+        self._lists = None
+        if self.storage == "dense":
+            self._set_dense_buffers(new)
+            return
         self._device_index, self._saved, scratch_sizes = {}, {}, {}
         for name, p, kept in zip(self._names, self._params, new):
             if kept is None:
@@ -307,6 +347,20 @@ class SSAM(Variant, name="ssam"):
                 key = (p.device, p.dtype)
                 scratch_sizes[key] = max(scratch_sizes.get(key, 0), kept.numel())
         self._scratch = {key: torch.empty(size, dtype=key[1], device=key[0]) for key, size in scratch_sizes.items()}
+
+    def _set_dense_buffers(self, new: masks.Mask) -> None:
+        """Dense storage: a bool mask per partly kept tensor (None: kept whole), and the saved copies, allocated once
+        (they do not depend on the mask)."""
+        self._dense_masks = {}
+        for name, p, kept in zip(self._names, self._params, new):
+            if kept is None:
+                self._dense_masks[name] = None
+            else:
+                mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                mask[kept.to(p.device)] = True
+                self._dense_masks[name] = mask.view(p.shape)
+            if name not in self._saved:
+                self._saved[name] = torch.empty_like(p)
 
     # ------------------------------------------------------------------ reporting and state
     def _global_counts(self, counts: Tensor) -> Tensor:
@@ -385,7 +439,7 @@ class SSAM(Variant, name="ssam"):
     def extra_repr(self) -> str:
         return (
             f"rho={self.rho}, sparsity={self.sparsity}, mask={self.mask!r}, pattern={self.pattern!r}, "
-            f"n={self.n}, m={self.m}, mask_every={self.mask_every}"
+            f"n={self.n}, m={self.m}, mask_every={self.mask_every}, storage={self.storage!r}"
         )
 
 

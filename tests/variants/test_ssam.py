@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from lightning_sam import SAMCallback, SAMEngine
 from lightning_sam.sharded_selection import ShardedSelection, random_keys
 from lightning_sam.variants import ssam_masks
+from lightning_sam.variants.ssam import STORAGES
 
 CONFIGS = {
     "fisher-unstructured": {"mask": "fisher", "pattern": "unstructured", "sparsity": 0.7},
@@ -46,6 +47,7 @@ def engine_run(net, batches, options):
 
 def reference_run(net, batches, options):
     net = copy.deepcopy(net)
+    options = {k: v for k, v in options.items() if k != "storage"}  # how the library stores the step, not the rule
     reference = ReferenceSSAM(net, rho=0.05, **options)
     reference_ssam_run(net, batches, make_optimizer("sgd", net.parameters()), reference)
     return net, reference
@@ -56,9 +58,10 @@ def assert_close_nets(a, b):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_engine_matches_reference_across_refreshes(config):
-    options = {**CONFIGS[config], **SCHEDULE}
+def test_engine_matches_reference_across_refreshes(config, storage):
+    options = {**CONFIGS[config], **SCHEDULE, "storage": storage}
     batches = list(fixed_loader(n=128, batch_size=16))  # 8 steps: refreshes at 0 (done at 1), 3 (4), 6 (7)
     net = make_mlp()
     expected, reference = reference_run(net, batches, options)
@@ -208,8 +211,25 @@ def test_selection_equals_a_plain_sort_with_ties():
         assert got == sorted(order)
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_dense_and_sparse_storage_give_the_same_weights_bit_for_bit(config):
+    """The two storages run the same rule: dense (foreach ops over whole tensors and bool masks) and sparse (index
+    ops on the kept coordinates) end in identical weights, and log the same ||e||."""
+    options = {**CONFIGS[config], **SCHEDULE}
+    batches = list(fixed_loader(n=128, batch_size=16))
+    nets = [make_mlp(), make_mlp()]
+    engines = [engine_run(net, batches, {**options, "storage": storage}) for net, storage in zip(nets, STORAGES)]
+    for p, q in zip(*(net.parameters() for net in nets)):
+        assert torch.equal(p, q)
+    norms = [float(engine.last_perturbation_norm) for engine in engines]  # summed in another order: fp32 rounding
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6)
+    dense = engines[0].variant
+    assert all(m is None or m.dtype == torch.bool for m in dense._dense_masks.values())
+    assert sum(t.numel() for t in dense._saved.values()) == sum(p.numel() for p in nets[0].parameters())
+
+
 def test_saved_copy_holds_only_kept_coordinates():
-    engine, _, _ = one_ascent({"sparsity": 0.9})
+    engine, _, _ = one_ascent({"sparsity": 0.9, "storage": "sparse"})
     saved = sum(t.numel() for t in engine.variant._saved.values())
     assert saved == engine.variant.kept_count() == round(195 * (1 - 0.9))
     assert all(i is None or i.dtype == torch.int32 for i in engine.variant._device_index.values())
@@ -319,6 +339,7 @@ def test_unsliceable_batch_names_the_option_that_avoids_it():
         ({"mask": "dst", "pattern": "structured"}, "pattern='unstructured' only"),
         ({"drop_rate": 1.5}, "drop_rate"),
         ({"mask_every": 0}, "mask_every"),
+        ({"storage": "flat"}, "unknown storage"),
     ],
 )
 def test_bad_input_raises_at_construction(options, match):
