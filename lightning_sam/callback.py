@@ -23,12 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_sam.batches import batch_size_of, slice_batch
-from lightning_sam.checkpointing import (
-    engine_checkpoint_state,
-    engine_state_for_this_rank,
-    put_engine_tensors,
-    read_engine_tensors,
-)
+from lightning_sam.checkpointing import engine_checkpoint_state, entry_for_resume, put_engine_tensors, state_for_engine
 from lightning_sam.engine import SAMEngine
 from lightning_sam.glue import build_driver, check_trainer, collect_samples, loss_from_output
 from lightning_sam.metrics import StepMetrics, should_log
@@ -86,7 +81,7 @@ class SAMCallback(SAMSettings, Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.engine is not None:
-            self.engine.load_state_dict(engine_state_for_this_rank(state_dict))
+            self.engine.load_state_dict(state_for_engine(state_dict, self.engine))
         else:
             self._pending_state = dict(state_dict)
 
@@ -205,7 +200,7 @@ class SAMCallback(SAMSettings, Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:  # runs before load_state_dict: read this rank's tensors of a distributed save
-            states[self.state_key] = read_engine_tensors(states[self.state_key], checkpoint, trainer.ckpt_path, 0)
+            states[self.state_key] = entry_for_resume(states[self.state_key], trainer, 0)
 
     def __repr__(self) -> str:
         return f"SAMCallback(variant={self.spec!r}, sync_ascent={self.sync_ascent})"

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_sam.batches import batchnorm_in_eval
-from lightning_sam.checkpointing import engine_state_for_this_rank
+from lightning_sam.checkpointing import state_for_engine
 from lightning_sam.engine import SAMEngine
 from lightning_sam.precision import GradScaling, NoScaling, Precision
 from lightning_sam.settings import SAMSettings
@@ -118,7 +118,7 @@ def build_driver(
         if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
             engine.data_parallel_group = mesh["data_parallel"].get_group()
     if state:
-        engine.load_state_dict(engine_state_for_this_rank(state))
+        engine.load_state_dict(state_for_engine(state, engine))
     if engine.variant.setup_message:
         rank_zero_info(f"{adapter}: {engine.variant.setup_message}")
     sync_ascent = resolve_sync_ascent(trainer, settings.sync_ascent)

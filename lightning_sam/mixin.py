@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_sam.checkpointing import engine_checkpoint_state, put_engine_tensors, read_engine_tensors
+from lightning_sam.checkpointing import engine_checkpoint_state, entry_for_resume, put_engine_tensors
 from lightning_sam.clipping import clip_gradients_, validate_clipping
 from lightning_sam.engine import SAMEngine
 from lightning_sam.glue import build_driver, check_trainer, collect_samples
@@ -110,9 +110,9 @@ class SAMMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         drivers = self.__dict__.get("_sam_drivers") or {}
-        if drivers:  # every rank calls this hook: per-rank state is gathered here, or written per rank (sharded)
-            apart = writes_distributed_checkpoint(self.trainer)  # type: ignore[attr-defined]
-            entries = {}
+        apart = bool(drivers) and writes_distributed_checkpoint(self.trainer)  # type: ignore[attr-defined]
+        if drivers and not (apart and "optimizer_states" not in checkpoint):  # (a weights-only distributed save: none)
+            entries = {}  # every rank calls this hook: per-rank state is gathered here, or written per rank (sharded)
             for index, driver in sorted(drivers.items()):
                 entries[index], tensors = engine_checkpoint_state(driver.engine, tensors_apart=apart)
                 put_engine_tensors(checkpoint, index, tensors)
@@ -122,10 +122,8 @@ class SAMMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(self._SAM_CHECKPOINT_KEY)
         if state:
-            path = self.trainer.ckpt_path  # type: ignore[attr-defined]
-            self._sam_pending_state = {
-                i: read_engine_tensors(entry, checkpoint, path, i) for i, entry in sorted(state.items())
-            }
+            trainer = getattr(self, "_trainer", None)  # None under load_from_checkpoint
+            self._sam_pending_state = {i: entry_for_resume(entry, trainer, i) for i, entry in sorted(state.items())}
             self._sam_drivers = {}
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 

@@ -94,10 +94,12 @@ def read_tensors(checkpoint_dir: str, namespace: Sequence[str], skeleton: Any) -
     return fill_tensors(skeleton, templates)
 
 
-def _rank() -> int:
+def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def save_rank_state(state: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
@@ -107,7 +109,7 @@ def save_rank_state(state: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
     ``fabric.save`` would keep rank 0's state only; read it back with :func:`load_rank_state`."""
     import torch.distributed.checkpoint as dcp
 
-    rank = _rank()
+    rank, _ = _rank_and_world()
     skeleton, tensors = split_tensors(state, f"rank{rank}")
     buffer = io.BytesIO()
     torch.save(skeleton, buffer)
@@ -115,16 +117,17 @@ def save_rank_state(state: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
 
 
 def load_rank_state(checkpoint_dir: str | os.PathLike[str]) -> Any:
-    """This rank's state written by :func:`save_rank_state` (tensors on the CPU). The world size must be the one of
-    the save. A collective: every rank calls it."""
+    """This rank's state written by :func:`save_rank_state` (tensors on the CPU; the variants move them to their
+    parameters' device when loaded). The world size must be the one of the save (else every rank raises). A
+    collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
 
-    rank = _rank()
+    rank, world = _rank_and_world()
     saved = dcp.FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
-    if f"skeletons.rank{rank}" not in saved:
-        ranks = sum(key.startswith("skeletons.rank") for key in saved)
+    ranks = sum(key.startswith("skeletons.rank") for key in saved)
+    if ranks != world:  # every rank sees the same metadata: all raise, none waits in the collective below
         raise RuntimeError(
-            f"{checkpoint_dir} holds the SAM state of {ranks} ranks, not of rank {rank}: per-rank state resumes with "
+            f"{checkpoint_dir} holds the SAM state of {ranks} ranks, but {world} run now: per-rank state resumes with "
             "the world size (and parallel layout) it was saved with."
         )
     blobs: dict[str, Any] = {f"rank{rank}": b""}

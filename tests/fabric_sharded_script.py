@@ -124,9 +124,11 @@ def main(out_dir: str, variants: list[str]) -> None:
     fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy, precision="32-true")
     fabric.launch()
     results = {variant: train(fabric, variant, VARIANTS[variant], out_dir) for variant in variants}
-    held = gather_objects({variant: (r["held"], r["saved"]) for variant, r in results.items()})
+    held = gather_objects({variant: (r["held"], r["saved"], r["state_round_trip"]) for variant, r in results.items()})
     for variant, result in results.items():
-        result["held_per_rank"] = [per_rank[variant] for per_rank in held]  # [(elements, saved copy) per rank]
+        per_rank = [ranks[variant] for ranks in held]
+        result["held_per_rank"] = [(elements, saved) for elements, saved, _ in per_rank]  # (elements, saved copy)
+        result["state_round_trip"] = all(round_trip for _, _, round_trip in per_rank)  # every rank's own state
     if fabric.global_rank == 0:
         torch.save(results, os.path.join(out_dir, "fabric_sharded.pt"))
     fabric.barrier()

@@ -39,6 +39,7 @@ class Case:
     optimizer: str = "sgd"
     sam: bool = True  # False: the same training without SAM
     save_every_epoch: bool = False  # a ModelCheckpoint at every epoch end (in <root>/checkpoints)
+    weights_only: bool = False  # that ModelCheckpoint saves the weights only (save_weights_only=True)
     resume_from: str | None = None  # resume from the epoch-0 checkpoint of this case (run first, same out dir)
     union_options: dict[str, Any] = field(default_factory=dict)  # options of the one-process run on the union batch
 
@@ -76,6 +77,8 @@ CASES = {
     "looksam_resumed": Case("looksam", {"k": 3}, epochs=3, resume_from="looksam_straight"),
     "mixin_fsam_straight": Case("fsam", mixin=True, optimizer="adamw", epochs=3, save_every_epoch=True),
     "mixin_fsam_resumed": Case("fsam", mixin=True, optimizer="adamw", epochs=3, resume_from="mixin_fsam_straight"),
+    # a weights-only checkpoint holds no optimizer state, so no SAM state either (and training goes on)
+    "mixin_fsam_weights_only": Case("fsam", mixin=True, optimizer="adamw", save_every_epoch=True, weights_only=True),
     # SSAM: masks selected over every shard (exact density, the one-process run's masks), Fisher sums over the
     # data-parallel ranks, sparsity 0 = SAM
     "ssam_fisher": Case("ssam", FISHER, union_options={"num_samples": 2 * RANK_BATCH}),
@@ -220,7 +223,9 @@ def trainer_for(case: Case, layout: str, root: Path, **kwargs: Any) -> L.Trainer
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         options["enable_checkpointing"] = True
-        checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_top_k=-1, every_n_epochs=1)
+        checkpoint = ModelCheckpoint(
+            dirpath=root / "checkpoints", save_top_k=-1, every_n_epochs=1, save_weights_only=case.weights_only
+        )
         options["callbacks"] = [*options["callbacks"], checkpoint]
     options.update(kwargs)
     return L.Trainer(**options)

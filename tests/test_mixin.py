@@ -88,6 +88,9 @@ def test_mixin_variant_state_is_checkpointed_and_resumed(tmp_path):
     assert resumed.sam_engine.step_count == straight.sam_engine.step_count == 12
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+    # loading the weights outside a Trainer (no trainer attached) keeps the SAM state for a later fit
+    loaded = ManualSAM.load_from_checkpoint(tmp_path / "last.ckpt", net=make_mlp(seed=5), variant="asam")
+    assert loaded._sam_pending_state[0]["engine"]["step"] == 8
 
 
 def test_mixin_keeps_one_engine_per_optimizer():

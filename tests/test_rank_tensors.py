@@ -7,7 +7,15 @@ import io
 import pytest
 import torch
 
-from lightning_sam.rank_tensors import PLACEHOLDER, fill_tensors, placeholders, read_tensors, split_tensors
+from lightning_sam.rank_tensors import (
+    PLACEHOLDER,
+    fill_tensors,
+    load_rank_state,
+    placeholders,
+    read_tensors,
+    save_rank_state,
+    split_tensors,
+)
 
 
 def a_state() -> dict:
@@ -49,3 +57,16 @@ def test_read_tensors_loads_a_ranks_keys_from_a_distributed_checkpoint(tmp_path)
     assert back["kept"][2].dtype == torch.bool and torch.equal(back["kept"][2], state["kept"][2])
     assert back["pair"][1].dtype == torch.bfloat16 and back["kept"][1].numel() == 0
     assert read_tensors(str(tmp_path), ("optimizer_0", "sam"), {"step": 1}) == {"step": 1}  # nothing to read
+
+
+def test_save_and_load_rank_state_round_trip_and_refuse_another_world_size(tmp_path):
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    state = a_state()
+    save_rank_state(state, tmp_path / "one")
+    back = load_rank_state(tmp_path / "one")
+    assert back["step"] == 7 and torch.equal(back["ema"]["net.0.weight"], state["ema"]["net.0.weight"])
+    # what two ranks would have written: every rank (here the only one) refuses before any collective
+    two = {"skeletons": {"rank0": b"", "rank1": b""}, "tensors": {"rank0/x": torch.ones(1), "rank1/x": torch.ones(1)}}
+    dcp.save(two, checkpoint_id=tmp_path / "two")
+    with pytest.raises(RuntimeError, match="holds the SAM state of 2 ranks, but 1 run now"):
+        load_rank_state(tmp_path / "two")

@@ -22,7 +22,7 @@ SSAM = ["ssam_fisher", "ssam_sparse", "ssam_structured", "ssam_dst", "ssam_zero"
 TRAINED = ["sam", "asam", "fsam", "looksam", "xsam", "interval", "mixin_fsam", "bf16", "bf16_true", *SSAM, "ssam_nm"]
 REFUSED = ["refuse_local_ascent"]
 RESUMED = ["fsam_straight", "fsam_resumed", "looksam_straight", "looksam_resumed"]
-MIXIN_RESUMED = ["mixin_fsam_straight", "mixin_fsam_resumed"]
+MIXIN_RESUMED = ["mixin_fsam_straight", "mixin_fsam_resumed", "mixin_fsam_weights_only"]
 SSAM_RESUMED = ["ssam_dst_straight", "ssam_dst_resumed"]
 # the 2-D mesh (4 processes on CI's 2 cores) runs the cases that exercise its placements: _StridedShard and
 # Shard x Shard weights, Shard x Replicate biases, FSDP-only layers held by both TP ranks
@@ -151,6 +151,17 @@ def test_resume_at_an_epoch_boundary_is_exact_with_every_ranks_shard_state(shard
     assert any(not torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
     whole = sum(p.numel() for p in build_net().parameters())
     assert sum(t.numel() for t in ranks[0].values()) < whole
+
+
+def test_a_weights_only_checkpoint_of_the_mixin_holds_no_sam_state(sharded_runs):
+    """save_weights_only=True: no optimizer state to carry the shards, so the mixin writes no SAM entry (and the
+    run trains on, equal to the same run without checkpoints)."""
+    layout, out, results = case_of(sharded_runs, "mixin_fsam_weights_only")
+    for name, weight in results["mixin_fsam"]["weights"].items():
+        assert torch.equal(results["mixin_fsam_weights_only"]["weights"][name], weight), f"{layout} {name}"
+    checkpoint = next((out / "mixin_fsam_weights_only" / "checkpoints").glob("epoch=0-*"))
+    meta = torch.load(checkpoint / "meta.pt", weights_only=True)
+    assert "lightning_sam.SAMMixin" not in meta and "optimizer_states" not in meta
 
 
 def test_the_sharded_example_trains_on_two_ranks():
