@@ -136,3 +136,5 @@ def main(out_dir: str, variants: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:] or list(VARIANTS))
+    if torch.distributed.is_initialized():  # an orderly gloo teardown: exiting with it alive can abort (SIGABRT)
+        torch.distributed.destroy_process_group()
