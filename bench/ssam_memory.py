@@ -17,12 +17,13 @@ momentum, cross-entropy. One run measures three things:
     trained parameters. SSAM's (``storage="sparse"``, the storage this benchmark times) is what the variant keeps
     per step on the parameters' device: the saved kept coordinates (``variant._saved``), the int32 flat indices
     (``variant._device_index``) and the shared scratch buffers (``variant._scratch``), each ``numel *
-    element_size``; the last rows show the default ``storage="dense"`` (a whole saved copy and bool masks,
-    ``variant._dense_masks``, in the index column). Printed for several masks and sparsities with the
-    ratio SSAM extra / SAM extra. Also listed: the host-side int64 copy of the kept indices (``variant._kept``, on
-    the CPU whatever the device: on a CPU run it is in the same memory) and the fp32 Fisher partial sums that exist
-    while a refresh spans several steps. With ``--device cuda`` it also measures ``torch.cuda.memory_allocated``
-    (persistent) and ``max_memory_allocated`` (per-step and refresh peaks) against SAM and floor2.
+    element_size``; the last rows show the default ``storage="dense"`` (the engine's whole saved copy,
+    ``engine._saved_views``, and bool masks, ``variant._dense_masks``, in the index column). Printed for several
+    masks and sparsities with the ratio SSAM extra / SAM extra. Also listed: the host-side int64 copy of the kept
+    indices (``variant._kept``, on the CPU whatever the device: on a CPU run it is in the same memory) and the fp32
+    Fisher partial sums that exist while a refresh spans several steps. With ``--device cuda`` it also measures
+    ``torch.cuda.memory_allocated`` (persistent) and ``max_memory_allocated`` (per-step and refresh peaks) against
+    SAM and floor2.
 
 (c) **Refresh cost**. The Fisher mask: wall/CPU time of collecting ``num_samples = 128`` per-sample gradients with
     ``SAMEngine.collect_samples`` (BatchNorm on running statistics, as the callback runs them) for
@@ -279,7 +280,8 @@ def memory_table(spec: wl.ModelSpec, device: torch.device) -> dict[str, Any]:
             wl.build_fisher_mask(engine, model, batch)
         engine_step(engine, model, optimizer, batch)
         v = engine.variant
-        saved, index, scratch = nbytes(v._saved), nbytes(v._device_index), nbytes(v._scratch)
+        saved = nbytes(v._saved) + nbytes(engine._saved_views or [])  # dense storage: the engine's whole copy
+        index, scratch = nbytes(v._device_index), nbytes(v._scratch)
         index += nbytes(v._dense_masks)  # dense storage: its bool masks stand in for the indices
         host = nbytes([k for k in v._kept if k is not None]) if v._kept is not None else 0
         extra = saved + index + scratch

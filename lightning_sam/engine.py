@@ -453,7 +453,8 @@ class SAMEngine:
         if not key:
             return None
         if self._saved_views is None:
-            self._saved_views = [] if self.info.sparse else self._allocate_saved()
+            own_copy = self.info.sparse and self.variant.keeps_own_copy
+            self._saved_views = [] if own_copy else self._allocate_saved()
         if key != self._cache_key:
             self._cache_key = key
             self._key_names = [self.names[i] for i in key]

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sam.distributed import rank, world_size
+
 PLACEHOLDER = "lightning_sam.rank_tensor"
 
 
@@ -94,14 +96,6 @@ def read_tensors(checkpoint_dir: str, namespace: Sequence[str], skeleton: Any) -
     return fill_tensors(skeleton, templates)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def save_rank_state(state: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
     """Write ``state`` (e.g. ``engine.state_dict()``) of every rank into one DCP checkpoint directory, each rank its
     own: its skeleton (serialized, under ``skeletons/rank<r>``) and its tensors. A collective: every rank calls it.
@@ -109,11 +103,10 @@ def save_rank_state(state: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
     ``fabric.save`` would keep rank 0's state only; read it back with :func:`load_rank_state`."""
     import torch.distributed.checkpoint as dcp
 
-    rank, _ = _rank_and_world()
-    skeleton, tensors = split_tensors(state, f"rank{rank}")
+    skeleton, tensors = split_tensors(state, f"rank{rank()}")
     buffer = io.BytesIO()
     torch.save(skeleton, buffer)
-    dcp.save({"skeletons": {f"rank{rank}": buffer.getvalue()}, "tensors": tensors}, checkpoint_id=checkpoint_dir)
+    dcp.save({"skeletons": {f"rank{rank()}": buffer.getvalue()}, "tensors": tensors}, checkpoint_id=checkpoint_dir)
 
 
 def load_rank_state(checkpoint_dir: str | os.PathLike[str]) -> Any:
@@ -122,7 +115,7 @@ def load_rank_state(checkpoint_dir: str | os.PathLike[str]) -> Any:
     collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
 
-    rank, world = _rank_and_world()
+    own, world = f"rank{rank()}", world_size()
     saved = dcp.FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
     ranks = sum(key.startswith("skeletons.rank") for key in saved)
     if ranks != world:  # every rank sees the same metadata: all raise, none waits in the collective below
@@ -130,9 +123,9 @@ def load_rank_state(checkpoint_dir: str | os.PathLike[str]) -> Any:
             f"{checkpoint_dir} holds the SAM state of {ranks} ranks, but {world} run now: per-rank state resumes with "
             "the world size (and parallel layout) it was saved with."
         )
-    blobs: dict[str, Any] = {f"rank{rank}": b""}
+    blobs: dict[str, Any] = {own: b""}
     dcp.load({"skeletons": blobs}, checkpoint_id=checkpoint_dir)
-    skeleton = torch.load(io.BytesIO(blobs[f"rank{rank}"]), weights_only=True)
+    skeleton = torch.load(io.BytesIO(blobs[own]), weights_only=True)
     return read_tensors(str(checkpoint_dir), ("tensors",), skeleton)
 
 

@@ -87,7 +87,7 @@ class StepTensors:
     can provide it) returns the loss on the current batch at the current weights, without side effects;
     ``evaluate_clobbers_grads`` says whether it overwrites the gradients (a closure that runs backward). A variant
     registered with ``sparse=True`` gets ``saved = []`` and keeps its own (sparse) copy in :meth:`Variant.save_` /
-    :meth:`Variant.restore_`.
+    :meth:`Variant.restore_`, unless the instance sets ``keeps_own_copy = False``.
     """
 
     names: list[str]
@@ -126,6 +126,9 @@ class Variant:
     name: ClassVar[str] = ""
     default_rho: ClassVar[float] = 0.05
     per_rank_state: bool = False  # state differs between DDP ranks (checkpointed for every rank); may be per instance
+    # registered sparse=True: save_/restore_ keep their own copy, so the engine allocates none (step.saved = []);
+    # an instance that uses the engine's whole copy after all (SSAM's storage="dense") sets it False
+    keeps_own_copy: bool = True
     setup_message: str = ""  # one line the adapters log at setup (e.g. BAR's pairs)
     sample_batch_size: int = 1  # samples per micro-batch of per-sample gradients (SSAM's fisher_batch_size)
     sharded: bool = False  # set by the engine: the tensors are this rank's shards of DTensors (FSDP2, TP)

@@ -112,6 +112,7 @@ class SSAM(Variant, name="ssam"):
         self.seed = seed
         self.total_steps = total_steps
         self.storage = storage
+        self.keeps_own_copy = storage == "sparse"  # dense: the engine's whole saved copy, as for SAM
         # state
         self._names: list[str] = []
         self._params: list[Tensor] = []
@@ -131,7 +132,7 @@ class SSAM(Variant, name="ssam"):
         self._saved: dict[str, Tensor] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._dense_masks: dict[str, Tensor | None] = {}
-        self._lists: tuple[object, list[Tensor], list[int], list[Tensor]] | None = None  # dense: per step's names
+        self._masked: tuple[list[str], list[int], list[Tensor]] | None = None  # dense: per step's names list
 
     @classmethod
     def run_defaults(cls, options: dict[str, Any], run: RunLength) -> dict[str, Any]:
@@ -191,7 +192,7 @@ class SSAM(Variant, name="ssam"):
                 self._refresh_dst(step)
             self._next_dst = (step.step // self.mask_every + 1) * self.mask_every
         if self.storage == "dense":
-            torch._foreach_copy_(self._dense_lists(step)[0], step.params)
+            super().save_(step)
             return
         for name, p in zip(step.names, step.params):
             index, saved = self._device_index[name], self._saved[name]
@@ -201,12 +202,11 @@ class SSAM(Variant, name="ssam"):
                 torch.index_select(p.reshape(-1), 0, index, out=saved)
 
     def apply_(self, step: StepTensors) -> Tensor | None:
-        if self.storage == "dense":
-            _, masked, masks_ = self._dense_lists(step)
+        if self.storage == "dense":  # e <- e * M, then SAM's w <- w + e
+            masked, masks_ = self._dense_masks_of(step)
             if masked:
                 torch._foreach_mul_([step.grads[i] for i in masked], masks_)
-            torch._foreach_add_(step.params, step.grads)
-            return step.norm(step.grads) if step.measure else None
+            return super().apply_(step)
         squares: list[Tensor] = []
         measure = step.measure
         for name, p, e in zip(step.names, step.params, step.grads):
@@ -239,7 +239,7 @@ class SSAM(Variant, name="ssam"):
 
     def restore_(self, step: StepTensors) -> None:
         if self.storage == "dense":
-            torch._foreach_copy_(step.params, self._dense_lists(step)[0])
+            super().restore_(step)
             return
         for name, p in zip(step.names, step.params):
             index, saved = self._device_index[name], self._saved[name]
@@ -248,17 +248,14 @@ class SSAM(Variant, name="ssam"):
             elif index.numel():
                 p.reshape(-1).index_put_((index,), saved)
 
-    def _dense_lists(self, step: StepTensors) -> tuple[list[Tensor], list[int], list[Tensor]]:
-        """Dense storage, aligned with ``step.params``: the saved copies, the positions of the masked tensors and
-        their masks. Built when the step's parameter list or the mask changes (the engine keeps the same names list
-        while the same parameters have gradients), so a step builds no list."""
-        if self._lists is None or self._lists[0] is not step.names:
-            saved = [self._saved[name] for name in step.names]
+    def _dense_masks_of(self, step: StepTensors) -> tuple[list[int], list[Tensor]]:
+        """Dense storage: the positions in ``step`` of the partly kept tensors, and their bool masks. Built when the
+        step's parameter list or the mask changes (the engine keeps the same names list while the same parameters
+        have gradients), so a step builds no list."""
+        if self._masked is None or self._masked[0] is not step.names:
             masked = [i for i, name in enumerate(step.names) if self._dense_masks[name] is not None]
-            masks_ = [self._dense_masks[step.names[i]] for i in masked]
-            self._lists = (step.names, saved, masked, masks_)  # type: ignore[assignment]
-        _, saved, masked, masks_ = self._lists  # type: ignore[misc]
-        return saved, masked, masks_
+            self._masked = (step.names, masked, [self._dense_masks[step.names[i]] for i in masked])  # type: ignore[misc]
+        return self._masked[1], self._masked[2]
 
     # ------------------------------------------------------------------ Fisher
     def samples_needed(self, step_index: int) -> int:
@@ -331,9 +328,9 @@ class SSAM(Variant, name="ssam"):
             self._last_change = torch.tensor(round(totals[1]) / max(1, self._kept_total))
         self._refreshed = True
         self._kept = new
-        self._lists = None
+        self._masked = None
         if self.storage == "dense":
-            self._set_dense_buffers(new)
+            self._set_dense_masks(new)
             return
         self._device_index, self._saved, scratch_sizes = {}, {}, {}
         for name, p, kept in zip(self._names, self._params, new):
@@ -348,9 +345,8 @@ class SSAM(Variant, name="ssam"):
                 scratch_sizes[key] = max(scratch_sizes.get(key, 0), kept.numel())
         self._scratch = {key: torch.empty(size, dtype=key[1], device=key[0]) for key, size in scratch_sizes.items()}
 
-    def _set_dense_buffers(self, new: masks.Mask) -> None:
-        """Dense storage: a bool mask per partly kept tensor (None: kept whole), and the saved copies, allocated once
-        (they do not depend on the mask)."""
+    def _set_dense_masks(self, new: masks.Mask) -> None:
+        """Dense storage: a bool mask per partly kept tensor (None: kept whole). The saved copy is the engine's."""
         self._dense_masks = {}
         for name, p, kept in zip(self._names, self._params, new):
             if kept is None:
@@ -359,8 +355,6 @@ class SSAM(Variant, name="ssam"):
                 mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
                 mask[kept.to(p.device)] = True
                 self._dense_masks[name] = mask.view(p.shape)
-            if name not in self._saved:
-                self._saved[name] = torch.empty_like(p)
 
     # ------------------------------------------------------------------ reporting and state
     def _global_counts(self, counts: Tensor) -> Tensor:
