@@ -19,6 +19,7 @@ from conftest import Classifier, fixed_loader, make_mlp, quiet_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
+from script_exit import finish
 from torch.nn import functional as F
 
 from lightning_sam import SAMCallback, SAMMixin, in_second_pass
@@ -176,5 +177,4 @@ def main(mode: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    if torch.distributed.is_initialized():  # an orderly gloo teardown: exiting with it alive can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
+    finish()  # destroy the process group, exit without finalization (see script_exit)

@@ -28,6 +28,7 @@ from conftest import make_data, make_mlp, make_optimizer
 from ddp_script import BATCH_SIZE, N_SAMPLES
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
+from script_exit import finish
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -105,5 +106,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    if torch.distributed.is_initialized():  # an orderly gloo teardown: exiting with it alive can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
+    finish()  # destroy the process group, exit without finalization (see script_exit)

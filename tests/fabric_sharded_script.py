@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from script_exit import finish
 from sharded_cases import build_net, full_weights, loader
 
 from lightning_sam import SAMEngine
@@ -136,5 +137,4 @@ def main(out_dir: str, variants: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:] or list(VARIANTS))
-    if torch.distributed.is_initialized():  # an orderly gloo teardown: exiting with it alive can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
+    finish()  # destroy the process group, exit without finalization (see script_exit)

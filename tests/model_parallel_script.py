@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
+from script_exit import finish
 from torch import nn
 from torch.distributed._composable.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -82,5 +83,4 @@ def main(mode: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
-    if torch.distributed.is_initialized():  # an orderly gloo teardown: exiting with it alive can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
+    finish()  # destroy the process group, exit without finalization (see script_exit)

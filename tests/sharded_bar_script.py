@@ -37,6 +37,7 @@ from lightning_sam import SAMCallback, SAMMixin
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from script_exit import finish
 from sharded_cases import SAMPLES, loader_of
 
 torch.set_num_threads(1)
@@ -216,5 +217,4 @@ def main(out: Path, cases: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
-    if torch.distributed.is_initialized():  # an orderly gloo teardown: exiting with it alive can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
+    finish()  # destroy the process group, exit without finalization (see script_exit)

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from script_exit import finish
 from sharded_cases import CASES, fit
 
 torch.set_num_threads(1)
@@ -40,5 +41,4 @@ def main(layout: str, out: Path, cases: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
-    if torch.distributed.is_initialized():  # an orderly gloo teardown: exiting with it alive can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
+    finish()  # destroy the process group, exit without finalization (see script_exit)
