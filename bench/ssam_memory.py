@@ -13,12 +13,14 @@ momentum, cross-entropy. One run measures three things:
     ``--warmup`` + ``--steps`` steps, a run's value is its median step, the table the median of the runs (min..max);
     wall and process CPU time (the CPU clock is the one to trust on a shared machine with one thread).
 
-(b) **Extra memory**. SAM's extra is the engine's saved copy of the weights: ``sum(numel * element_size)`` over the
-    trained parameters. SSAM's (``storage="sparse"``, the storage this benchmark times) is what the variant keeps
-    per step on the parameters' device: the saved kept coordinates (``variant._saved``), the int32 flat indices
+(b) **Extra memory**. SAM's extra is one copy of the weights, ``sum(numel * element_size)`` over the trained
+    parameters: the perturbed weights, which SAM builds in the pass-1 gradients' memory and keeps there through pass 2
+    (pass 2 writes fresh gradients), or, where the engine cannot swap them in, its saved copy. SSAM's
+    (``storage="sparse"``, the storage this benchmark times) is what the variant keeps per step on the parameters'
+    device: the saved kept coordinates (``variant._saved``), the int32 flat indices
     (``variant._device_index``) and the shared scratch buffers (``variant._scratch``), each ``numel *
-    element_size``; the last rows show the default ``storage="dense"`` (the engine's whole saved copy,
-    ``engine._saved_views``, and bool masks, ``variant._dense_masks``, in the index column). Printed for several
+    element_size``; the last rows show the default ``storage="dense"`` (SAM's copy, as SAM holds it, and bool
+    masks, ``variant._dense_masks``, in the index column). Printed for several
     masks and sparsities with the ratio SSAM extra / SAM extra. Also listed: the host-side int64 copy of the kept
     indices (``variant._kept``, on the CPU whatever the device: on a CPU run it is in the same memory) and the fp32
     Fisher partial sums that exist while a refresh spans several steps. With ``--device cuda`` it also measures
@@ -280,7 +282,9 @@ def memory_table(spec: wl.ModelSpec, device: torch.device) -> dict[str, Any]:
             wl.build_fisher_mask(engine, model, batch)
         engine_step(engine, model, optimizer, batch)
         v = engine.variant
-        saved = nbytes(v._saved) + nbytes(engine._saved_views or [])  # dense storage: the engine's whole copy
+        saved = nbytes(v._saved) + nbytes(engine._saved_views or [])
+        if engine._can_swap:  # dense storage, as SAM: w + e lives in the pass-1 gradients' memory through pass 2
+            saved += sam_bytes
         index, scratch = nbytes(v._device_index), nbytes(v._scratch)
         index += nbytes(v._dense_masks)  # dense storage: its bool masks stand in for the indices
         host = nbytes([k for k in v._kept if k is not None]) if v._kept is not None else 0
@@ -437,7 +441,7 @@ def print_report(results: dict[str, Any], methods: list[str], clocks_shown: list
     for x in models:
         mem = results[x]["memory"]
         print(
-            f"\n(b) extra memory, {x}: {mem['params']} parameters; SAM's saved copy {mib(mem['sam_bytes'])} MiB; "
+            f"\n(b) extra memory, {x}: {mem['params']} parameters; SAM's copy {mib(mem['sam_bytes'])} MiB; "
             f"MiB unless stated\n"
         )
         header = ["SSAM mask", "density", "saved", "indices", "scratch", "extra", "extra / SAM", "+ host int64 / SAM"]

@@ -44,7 +44,7 @@ from lightning_sam.sharding import (
     resharding,
     sum_to_shard,
 )
-from lightning_sam.tensor_ops import EPS, widen, widened_dtype
+from lightning_sam.tensor_ops import EPS, flat_like, widen, widened_dtype
 from lightning_sam.variants import StepTensors, Variant, VariantInfo, resolve_variant, variant_info
 
 
@@ -109,6 +109,18 @@ class SAMEngine:
             self.variant.shard_sources = list(self.params)
             self.variant.reduction = self._reduction
         self.variant.bind(list(self.names), list(self._locals))
+        # A step without a saved copy (StepTensors.swap): w + e is built in the pass-1 gradients and the parameters
+        # point at them during pass 2, then back at their own memory (untouched: bit-exact, no copy either way).
+        # For variants that never write the weights themselves, single-step, on whole (unsharded) parameters of which
+        # no two share memory; per step, not when a gradient is a view (DDP's gradient_as_bucket_view writes pass 2's
+        # gradients into the same buckets).
+        self._can_swap = (
+            self.variant.scratch_free
+            and not self.sharded
+            and not self.info.multi_step
+            and not (self.info.sparse and self.variant.keeps_own_copy)
+            and _distinct_memory(self.params)
+        )
         self._saved_views: list[Tensor] | None = None
         self._cache_key: tuple[int, ...] | None = None
         self._active: StepTensors | None = None
@@ -222,6 +234,7 @@ class SAMEngine:
         self._perturbed = True  # from here on, restore() must run
         active.measure = measure
         perturbation_norm = self.variant.apply_(active)
+        active.grads = []  # no reference kept: pass 2 writes fresh gradients, and these may go (or are the weights)
         if perturbation_norm is None:
             return torch.full((), math.nan, device=denominator.device)
         self.last_perturbation_norm = perturbation_norm
@@ -452,9 +465,14 @@ class SAMEngine:
         key = tuple(i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad)
         if not key:
             return None
-        if self._saved_views is None:
+        sources = self._key_sources if key == self._cache_key else [self.params[i] for i in key]
+        # sharded: this rank's shards (local tensors of the DTensors, write-through views)
+        grads = [local(p.grad) for p in sources] if self.sharded else [p.grad for p in sources]  # type: ignore[arg-type]
+        swap = self._can_swap and not any(g._is_view() for g in grads)  # type: ignore[union-attr]
+        if self._saved_views is None and not swap:
             own_copy = self.info.sparse and self.variant.keeps_own_copy
             self._saved_views = [] if own_copy else self._allocate_saved()
+            self._cache_key = None  # the saved views of the key are new
         if key != self._cache_key:
             self._cache_key = key
             self._key_names = [self.names[i] for i in key]
@@ -463,40 +481,34 @@ class SAMEngine:
             self._key_reduction = None if self._reduction is None else self._reduction.subset(key)
             if self._reduction is not None:
                 check_gradient_placements([self.names[i] for i in key], self._key_sources)
-            self._key_saved = [self._saved_views[i] for i in key] if self._saved_views else []
+            self._key_saved = [self._saved_views[i] for i in key] if self._saved_views else []  # (None: swap only)
             groups: dict[float, list[int]] = {}
             for position, i in enumerate(key):
                 groups.setdefault(self._rhos[i], []).append(position)
             self._rho_groups = list(groups.items())
         self._active_sources = self._key_sources
-        sources = self._key_sources  # sharded: this rank's shards (local tensors of the DTensors, write-through views)
-        grads = [local(p.grad) for p in sources] if self.sharded else [p.grad for p in sources]  # type: ignore[arg-type]
         return StepTensors(
             self._key_names,
             self._key_params,
             grads,  # type: ignore[arg-type]
-            self._key_saved,
+            [] if swap else self._key_saved,
             step=self.step_count,
             reduction=self._key_reduction,
+            swap=swap,
         )
 
     def _allocate_saved(self) -> list[Tensor]:
         """One flat buffer per (device, dtype), allocated once; a view of it per parameter."""
-        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-        for p in self._locals:
-            key = (p.device, p.dtype)
-            sizes[key] = sizes.get(key, 0) + p.numel()
-        buffers = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
-        offsets = dict.fromkeys(sizes, 0)
-        views = []
-        for p in self._locals:
-            key = (p.device, p.dtype)
-            views.append(buffers[key][offsets[key] : offsets[key] + p.numel()].view_as(p))
-            offsets[key] += p.numel()
-        return views
+        return flat_like(self._locals)
 
     def __repr__(self) -> str:
         return f"SAMEngine({self.variant!r}, {len(self.params)} parameters, step={self.step_count})"
+
+
+def _distinct_memory(params: list[Tensor]) -> bool:
+    """Whether no two of ``params`` share memory (a parameter viewing another's storage must stay where it is)."""
+    pointers = [p.untyped_storage().data_ptr() for p in params if p.numel()]
+    return len(set(pointers)) == len(pointers)
 
 
 class _ClosureReplay:

@@ -21,6 +21,7 @@ the behaviour.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -74,7 +75,11 @@ class NoScaling:
         pass 2)."""
         if not self.skip_nonfinite or second_loss is None or optimizer is None:
             return False
-        if not _agreed((~torch.isfinite(second_loss.detach())).float().reshape(()), across_ranks=True):
+        if world_size() == 1:  # one read of the (0-dim) loss, no tensor op
+            loss = second_loss.detach()
+            if math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all()):
+                return False
+        elif not _agreed((~torch.isfinite(second_loss.detach())).float().reshape(()), across_ranks=True):
             return False
         for group in optimizer.param_groups:
             for p in group["params"]:

@@ -60,3 +60,20 @@ def group_by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
     for i, t in enumerate(tensors):
         groups.setdefault(t.device, []).append(i)
     return groups
+
+
+def flat_like(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Uninitialized tensors shaped as ``tensors`` (same dtype and device), views of one flat buffer per (device,
+    dtype): one allocation per group instead of one per tensor."""
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    for t in tensors:
+        key = (t.device, t.dtype)
+        sizes[key] = sizes.get(key, 0) + t.numel()
+    buffers = {key: torch.empty(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
+    offsets = dict.fromkeys(sizes, 0)
+    views = []
+    for t in tensors:
+        key = (t.device, t.dtype)
+        views.append(buffers[key][offsets[key] : offsets[key] + t.numel()].view_as(t))
+        offsets[key] += t.numel()
+    return views

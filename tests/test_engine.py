@@ -10,6 +10,7 @@ from conftest import cross_entropy_of, fixed_loader, make_mlp, make_optimizer
 from reference import reference_sam_step
 
 from lightning_sam import SAMEngine
+from lightning_sam.variants import SAM
 
 
 def run_engine(net, batches, variant, rho, optimizer_name, use_closure=False, **options):
@@ -63,7 +64,9 @@ def test_engine_matches_reference(variant, rho, options, optimizer_name, use_clo
 def test_restore_is_bit_exact_and_buffer_is_allocated_once():
     net = make_mlp()
     batch = next(iter(fixed_loader()))
-    engine = SAMEngine(net.parameters())
+    variant = SAM()
+    variant.scratch_free = False  # as a variant that writes the weights as scratch: the saved-copy path
+    engine = SAMEngine(net.parameters(), variant)
     before = [p.detach().clone() for p in net.parameters()]
     pointers = None
     for _ in range(3):
@@ -81,6 +84,73 @@ def test_restore_is_bit_exact_and_buffer_is_allocated_once():
         current = [v.data_ptr() for v in engine._saved_views]
         assert pointers is None or current == pointers
         pointers = current
+
+
+def test_swap_step_keeps_no_copy_and_gives_the_parameters_their_own_memory_back():
+    """SAM never writes the weights itself: w + e is built in the gradients, the parameters point at them for pass 2
+    and back at their own, untouched memory afterwards (bit-exact, no saved buffer)."""
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    engine = SAMEngine(net.parameters(), "sam")
+    params = list(net.parameters())
+    before = [p.detach().clone() for p in params]
+    own = [p.data_ptr() for p in params]
+    for _ in range(3):
+        net.zero_grad()
+        cross_entropy_of(batch)(net).backward()
+        grads = [p.grad for p in params]
+        e = [g * (0.05 / torch.linalg.vector_norm(torch.stack([x.norm() for x in grads]))) for g in grads]
+        engine.ascend()
+        assert all(p.grad is None for p in params)  # taken over by the parameters
+        assert [p.data_ptr() for p in params] == [g.data_ptr() for g in grads]
+        for p, b, x in zip(params, before, e):
+            torch.testing.assert_close(p.detach(), b + x, atol=1e-7, rtol=0)
+        cross_entropy_of(batch)(net).backward()
+        engine.descend()
+        assert [p.data_ptr() for p in params] == own
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert engine._saved_views is None  # nothing allocated
+
+
+def test_swap_falls_back_to_a_copy_when_gradients_are_views():
+    """Gradients that view a shared buffer (DDP's gradient_as_bucket_view) are written again by pass 2: then the
+    engine copies, as for every variant that writes the weights."""
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    engine = SAMEngine(net.parameters(), "sam")
+    params = list(net.parameters())
+    buffer = torch.zeros(sum(p.numel() for p in params))
+    views, offset = [], 0
+    for p in params:
+        views.append(buffer[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    before = [p.detach().clone() for p in params]
+    own = [p.data_ptr() for p in params]
+    cross_entropy_of(batch)(net).backward()
+    for p, v in zip(params, views):
+        v.copy_(p.grad)
+        p.grad = v
+    engine.ascend()
+    assert [p.data_ptr() for p in params] == own  # perturbed in place
+    assert engine._saved_views is not None and len(engine._saved_views) == len(params)
+    buffer.fill_(1.0)  # what a bucket's next gradients would do: the weights must not care
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    engine.descend()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_parameters_sharing_memory_are_perturbed_in_place():
+    base = torch.randn(8)
+    first, second = torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[4:])
+    engine = SAMEngine([first, second], "sam")
+    assert not engine._can_swap
+    original = base.clone()
+    first.grad, second.grad = torch.ones(4), torch.ones(4)
+    engine.ascend()
+    assert first.data_ptr() == base.data_ptr()
+    torch.testing.assert_close(base, original + 0.05 / 8**0.5, atol=1e-7, rtol=0)  # the shared memory is perturbed
+    engine.restore()
+    assert torch.equal(base, original)
 
 
 def test_parameters_without_grad_are_not_perturbed_nor_counted():
@@ -235,6 +305,7 @@ def test_asam_refuses_a_second_ascent():
     before = [p.detach().clone() for p in net.parameters()]
     cross_entropy_of(batch)(net).backward()
     engine.ascend()
+    cross_entropy_of(batch)(net).backward()  # pass 2, as before a multi-step variant's next ascent
     with pytest.raises(RuntimeError, match="single-step"):
         engine.ascend()
     engine.restore()

@@ -88,6 +88,11 @@ class StepTensors:
     ``evaluate_clobbers_grads`` says whether it overwrites the gradients (a closure that runs backward). A variant
     registered with ``sparse=True`` gets ``saved = []`` and keeps its own (sparse) copy in :meth:`Variant.save_` /
     :meth:`Variant.restore_`, unless the instance sets ``keeps_own_copy = False``.
+
+    ``swap`` (set by the engine, for variants with ``scratch_free = True``): the step keeps no copy of the weights.
+    ``saved`` then holds the parameters' own tensors, which nothing writes to; :meth:`Variant.apply_` builds
+    ``w + e`` in the gradient tensors and points the parameters at them for pass 2 (see :func:`point_at_`), and
+    :meth:`Variant.restore_` points them back.
     """
 
     names: list[str]
@@ -99,6 +104,7 @@ class StepTensors:
     evaluate: Callable[[], Tensor] | None = None
     evaluate_clobbers_grads: bool = False
     measure: bool = True  # apply_ computes ||e|| (the adapters ask for it on logging steps only)
+    swap: bool = False  # no saved copy: w + e is built in the gradients and swapped in (see above)
     reduction: ShardedReduction | None = None  # sharded parameters: reductions run over every rank's shard
 
     def norm(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -118,6 +124,16 @@ class StepTensors:
         return torch.stack([torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]).sum()
 
 
+def point_at_(params: Sequence[Tensor], tensors: Sequence[Tensor], *, drop_grads: bool = False) -> None:
+    """Make each parameter use the memory of its tensor (``p.data = t``: the same parameter object, its optimizer
+    state and autograd hooks unchanged); with ``drop_grads``, also ``p.grad = None``. One attribute store per tensor
+    and no kernel: cheaper than a copy for all but tiny tensors."""
+    for p, t in zip(params, tensors):
+        p.data = t
+        if drop_grads:
+            p.grad = None
+
+
 class Variant:
     """Base class of a SAM variant. Subclasses give their ``name`` and ``default_rho`` as class keywords
     (``class XSAM(Variant, name="xsam", default_rho=0.15)``), take their options as keyword arguments of ``__init__``
@@ -126,6 +142,9 @@ class Variant:
     name: ClassVar[str] = ""
     default_rho: ClassVar[float] = 0.05
     per_rank_state: bool = False  # state differs between DDP ranks (checkpointed for every rank); may be per instance
+    # direction_ and descent_ never write step.params (only the gradients and the variant's own state): the engine
+    # may then run the step without a saved copy (StepTensors.swap); may be per instance
+    scratch_free: bool = False
     # registered sparse=True: save_/restore_ keep their own copy, so the engine allocates none (step.saved = []);
     # an instance that uses the engine's whole copy after all (SSAM's storage="dense") sets it False
     keeps_own_copy: bool = True
@@ -234,19 +253,33 @@ class Variant:
         return {}
 
     def save_(self, step: StepTensors) -> None:
-        """Before the first ascent of a step: keep what :meth:`restore_` copies back. Dense copy by default."""
-        torch._foreach_copy_(step.saved, step.params)
+        """Before the first ascent of a step: keep what :meth:`restore_` copies back. Dense copy by default; with
+        ``step.swap``, no copy: ``saved`` becomes the parameters' current tensors (new handles on the same memory)."""
+        if step.swap:
+            step.saved = [p.data for p in step.params]
+        else:
+            torch._foreach_copy_(step.saved, step.params)
 
     def apply_(self, step: StepTensors) -> Tensor | None:
         """Add the perturbation ``e`` (already in ``step.grads``) to the weights; return ``||e||`` (fp32, or fp64
-        for fp64 tensors) when ``step.measure``, else None."""
+        for fp64 tensors) when ``step.measure``, else None. With ``step.swap``: ``grads <- grads + w`` (the same
+        rounding as ``w + e``), then the parameters point at the gradient tensors, which they take over (their
+        ``.grad`` is set to None)."""
         norm = step.norm(step.grads) if step.measure else None
-        torch._foreach_add_(step.params, step.grads)
+        if step.swap:
+            torch._foreach_add_(step.grads, step.params)
+            point_at_(step.params, step.grads, drop_grads=True)
+        else:
+            torch._foreach_add_(step.params, step.grads)
         return norm
 
     def restore_(self, step: StepTensors) -> None:
-        """Copy the saved weights back, bit-exactly."""
-        torch._foreach_copy_(step.params, step.saved)
+        """Copy the saved weights back, bit-exactly (``step.swap``: point the parameters back at their own,
+        untouched tensors)."""
+        if step.swap:
+            point_at_(step.params, step.saved)
+        else:
+            torch._foreach_copy_(step.params, step.saved)
 
     def samples_needed(self, step_index: int) -> int:
         """How many training samples the variant still wants this step (SSAM's Fisher); 0 for none."""

@@ -40,8 +40,10 @@ class FSAM(Variant, name="fsam"):
         adaptive: ASAM's scaling with ``eta = 0`` on ``d``: ``e = rho * w^2 * d / (||w * d|| + eps)``.
 
     Memory: one buffer the size of the trained parameters (``m``; fp32, fp64 for fp64 parameters), allocated once
-    per tensor when it first takes part. The per-step work allocates nothing parameter-sized: the weights serve as
-    scratch for the raw gradient (they equal the engine's saved copy at the ascent and are copied back from it
+    per tensor when it first takes part. The per-step work allocates nothing parameter-sized. For fp32 / fp64
+    parameters ``m`` is updated from ``d`` (``m = (lmbda + (1 - lmbda) sigma) m + (1 - lmbda) d``, the same EMA) and
+    the weights are never written, so the engine needs no saved copy (it swaps ``w + e`` in); for fp16 / bf16 ones
+    ``d`` would be rounded, so the weights hold the raw ``g`` meanwhile (copied back from the engine's saved copy
     bit-exactly).
     """
 
@@ -61,6 +63,11 @@ class FSAM(Variant, name="fsam"):
         self._cache_ready: list[int] = []
         self._cache_ema: list[Tensor] = []
         self._cache_lmbda: Tensor | float = self.lmbda
+        self._cache_decay: Tensor | float | None = None
+
+    def bind(self, names: list[str], params: list[Tensor]) -> None:
+        # fp32 / fp64 gradients: m is updated from d (no scratch), so the engine may swap instead of copying
+        self.scratch_free = all(widened_dtype(p.dtype) == p.dtype for p in params)
 
     # ----------------------------------------------------------------- the rule
     def direction_(self, step: StepTensors) -> Tensor:
@@ -76,14 +83,19 @@ class FSAM(Variant, name="fsam"):
             if ready:
                 all_ready = len(ready) == len(grads)
                 g = grads if all_ready else [grads[i] for i in ready]
-                w = params if all_ready else [params[i] for i in ready]
-                w0 = saved if all_ready else [saved[i] for i in ready]
-                # The weights hold the raw g while the gradients become d (same dtype and device: exact copy).
-                torch._foreach_copy_(w, g)
-                torch._foreach_add_(g, ema, alpha=-self.sigma)  # d = g - sigma * m (m before the update)
-                torch._foreach_mul_(ema, self._cache_lmbda)  # a 0-dim tensor: CPU's foreach Scalar path is slower
-                torch._foreach_add_(ema, w, alpha=1.0 - self.lmbda)  # m = lmbda * m + (1 - lmbda) * g
-                torch._foreach_copy_(w, w0)  # the weights are w again, bit-exactly
+                if self.scratch_free:  # fp32 / fp64 gradients: m from d, no scratch (d is exact enough)
+                    torch._foreach_add_(g, ema, alpha=-self.sigma)  # d = g - sigma * m (m before the update)
+                    if self._cache_decay is not None:
+                        torch._foreach_mul_(ema, self._cache_decay)
+                    torch._foreach_add_(ema, g, alpha=1.0 - self.lmbda)  # m = decay * m + (1 - lmbda) * d
+                else:  # fp16 / bf16 gradients: m from the raw g, kept in the weights meanwhile (exact copies)
+                    w = params if all_ready else [params[i] for i in ready]
+                    w0 = saved if all_ready else [saved[i] for i in ready]
+                    torch._foreach_copy_(w, g)
+                    torch._foreach_add_(g, ema, alpha=-self.sigma)  # d = g - sigma * m (m before the update)
+                    torch._foreach_mul_(ema, self._cache_lmbda)  # 0-dim tensor: CPU's foreach Scalar path is slower
+                    torch._foreach_add_(ema, w, alpha=1.0 - self.lmbda)  # m = lmbda * m + (1 - lmbda) * g
+                    torch._foreach_copy_(w, w0)  # the weights are w again, bit-exactly
             if len(ready) != len(grads):
                 # first appearance of a tensor (all of them at t == 1): m = g, d = g
                 fresh = set(ready)
@@ -124,6 +136,11 @@ class FSAM(Variant, name="fsam"):
         # lmbda in the EMA's own dtype (fp64 EMAs must not get an fp32-rounded lmbda); a Python number otherwise
         lmbda = torch.tensor(self.lmbda, dtype=ema[0].dtype, device=ema[0].device) if uniform else self.lmbda
         self._cache_lmbda: Tensor | float = lmbda
+        # the EMA's decay when it is updated from d = g - sigma * m: lmbda + (1 - lmbda) * sigma (None: exactly 1)
+        decay = 1.0 if self.sigma == 1.0 else self.lmbda + (1.0 - self.lmbda) * self.sigma
+        self._cache_decay: Tensor | float | None = None
+        if decay != 1.0:
+            self._cache_decay = torch.tensor(decay, dtype=ema[0].dtype, device=ema[0].device) if uniform else decay
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

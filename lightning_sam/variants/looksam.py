@@ -40,6 +40,8 @@ class LookSAM(Variant, name="looksam"):
         alpha: weight of the reused ``g_v`` on the other steps (default 0.7, >= 0).
     """
 
+    scratch_free = True
+
     def __init__(self, rho: float | None = None, k: int = 5, alpha: float = 0.7) -> None:
         super().__init__(rho)
         self.k = check.integer("looksam", "k", k, 1)

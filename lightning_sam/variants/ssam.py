@@ -113,6 +113,7 @@ class SSAM(Variant, name="ssam"):
         self.total_steps = total_steps
         self.storage = storage
         self.keeps_own_copy = storage == "sparse"  # dense: the engine's whole saved copy, as for SAM
+        self.scratch_free = storage == "dense"  # dense: the engine may swap instead of copying, as for SAM
         # state
         self._names: list[str] = []
         self._params: list[Tensor] = []
