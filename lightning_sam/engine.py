@@ -110,14 +110,13 @@ class SAMEngine:
             self.variant.reduction = self._reduction
         self.variant.bind(list(self.names), list(self._locals))
         # A step without a saved copy (StepTensors.swap): w + e is built in the pass-1 gradients and the parameters
-        # point at them during pass 2, then back at their own memory (untouched: bit-exact, no copy either way).
-        # For variants that never write the weights themselves, single-step, on whole (unsharded) parameters of which
-        # no two share memory; per step, not when a gradient is a view (DDP's gradient_as_bucket_view writes pass 2's
-        # gradients into the same buckets).
+        # point at them during pass 2 (each later ascent: at the next w + e, built in that pass's gradients), then back
+        # at their own memory (untouched: bit-exact, no copy either way). For variants whose direction_ never writes
+        # the weights, on whole (unsharded) parameters of which no two share memory; per step, not when a gradient is
+        # a view (DDP's gradient_as_bucket_view writes pass 2's gradients into the same buckets).
         self._can_swap = (
             self.variant.scratch_free
             and not self.sharded
-            and not self.info.multi_step
             and not (self.info.sparse and self.variant.keeps_own_copy)
             and _distinct_memory(self.params)
         )
@@ -461,6 +460,7 @@ class SAMEngine:
                 ascent=active.ascent + 1,
                 step=self.step_count,
                 reduction=active.reduction,
+                swap=active.swap,  # swapped: the parameters point at the last ascent's w + e, saved is w itself
             )
         key = tuple(i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad)
         if not key:

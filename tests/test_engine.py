@@ -112,6 +112,44 @@ def test_swap_step_keeps_no_copy_and_gives_the_parameters_their_own_memory_back(
     assert engine._saved_views is None  # nothing allocated
 
 
+@pytest.mark.parametrize(
+    "variant, options",
+    [
+        ("sam", {}),
+        ("asam", {}),
+        ("fsam", {}),
+        ("looksam", {}),
+        ("ssam", {"mask": "dst", "total_steps": 10}),
+        ("xsam", {"steps": 2}),
+        ("xsam", {"alpha": 0.5, "alpha_every": 2}),
+    ],
+    ids=["sam", "asam", "fsam", "looksam", "ssam-dense", "xsam-2-steps", "xsam-search"],
+)
+def test_scratch_free_variants_step_without_a_copy(variant, options):
+    """Every built-in variant whose direction never writes the weights runs without the saved copy: after each whole
+    step (every pass, the descent, an alpha search) the parameters are back on their own memory, bit for bit."""
+    net = make_mlp()
+    batch = next(iter(fixed_loader()))
+    engine = SAMEngine(net.parameters(), variant, **options)
+    assert engine._can_swap
+    params = list(net.parameters())
+    before = [p.detach().clone() for p in params]
+    own = [p.data_ptr() for p in params]
+    closure = cross_entropy_of(batch)
+
+    def training_closure():
+        net.zero_grad()
+        loss = closure(net)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        engine.step(training_closure)
+        assert [p.data_ptr() for p in params] == own
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert engine._saved_views is None
+
+
 def test_swap_falls_back_to_a_copy_when_gradients_are_views():
     """Gradients that view a shared buffer (DDP's gradient_as_bucket_view) are written again by pass 2: then the
     engine copies, as for every variant that writes the weights."""

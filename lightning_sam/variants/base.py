@@ -142,8 +142,9 @@ class Variant:
     name: ClassVar[str] = ""
     default_rho: ClassVar[float] = 0.05
     per_rank_state: bool = False  # state differs between DDP ranks (checkpointed for every rank); may be per instance
-    # direction_ and descent_ never write step.params (only the gradients and the variant's own state): the engine
-    # may then run the step without a saved copy (StepTensors.swap); may be per instance
+    # direction_ never writes step.params (only the gradients and the variant's own state): the engine may then run
+    # the step without a saved copy (StepTensors.swap); may be per instance. descent_ may still use step.params as
+    # scratch: they hold w + e then, which the restore discards either way
     scratch_free: bool = False
     # registered sparse=True: save_/restore_ keep their own copy, so the engine allocates none (step.saved = []);
     # an instance that uses the engine's whole copy after all (SSAM's storage="dense") sets it False

@@ -51,6 +51,8 @@ class XSAM(Variant, name="xsam", default_rho=0.15):
             the first batch of each epoch). ``0`` disables the search (``alpha`` stays fixed).
     """
 
+    scratch_free = True  # direction_ reads the gradients only; descent_ builds v0 in the perturbed weights
+
     def __init__(
         self,
         rho: float | None = None,
