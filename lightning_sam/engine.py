@@ -406,6 +406,10 @@ class SAMEngine:
         (its backward is wasted). Without ``optimizer`` the caller runs ``engine.before_optimizer_step(optimizer)``
         (a no-op for most variants) and ``optimizer.step()``. Returns the pass-1 loss.
 
+        Enter ``torch.autocast`` inside ``closure`` (or with ``cache_enabled=False``, as Lightning does), not around
+        this call: autocast caches the low-precision casts of the weights for the life of the context, so pass 2
+        inside the same context would compute with the casts of the unperturbed weights.
+
         Under DDP, ``no_sync`` (e.g. ``model.no_sync`` or ``lambda: fabric.no_backward_sync(model)``) makes the passes
         that need no all-reduce local: pass 1 when pass 2 follows (unless ``sync_ascent``) and the intermediate
         passes of a multi-step ascent; the last pass 2, and pass 1 of a step without pass 2, all-reduce.
