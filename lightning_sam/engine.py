@@ -469,33 +469,36 @@ class SAMEngine:
         key = tuple(i for i, p in enumerate(self.params) if p.grad is not None and p.requires_grad)
         if not key:
             return None
-        sources = self._key_sources if key == self._cache_key else [self.params[i] for i in key]
-        # sharded: this rank's shards (local tensors of the DTensors, write-through views)
-        grads = [local(p.grad) for p in sources] if self.sharded else [p.grad for p in sources]  # type: ignore[arg-type]
-        swap = self._can_swap and not any(g._is_view() for g in grads)  # type: ignore[union-attr]
-        if self._saved_views is None and not swap:
-            own_copy = self.info.sparse and self.variant.keeps_own_copy
-            self._saved_views = [] if own_copy else self._allocate_saved()
-            self._cache_key = None  # the saved views of the key are new
         if key != self._cache_key:
             self._cache_key = key
             self._key_names = [self.names[i] for i in key]
             self._key_sources = [self.params[i] for i in key]
             self._key_params = [self._locals[i] for i in key]
+            self._key_saved: list[Tensor] | None = None  # views of the saved copy, once a step needs them
             self._key_reduction = None if self._reduction is None else self._reduction.subset(key)
             if self._reduction is not None:
                 check_gradient_placements([self.names[i] for i in key], self._key_sources)
-            self._key_saved = [self._saved_views[i] for i in key] if self._saved_views else []  # (None: swap only)
             groups: dict[float, list[int]] = {}
             for position, i in enumerate(key):
                 groups.setdefault(self._rhos[i], []).append(position)
             self._rho_groups = list(groups.items())
-        self._active_sources = self._key_sources
+        self._active_sources = sources = self._key_sources
+        # sharded: this rank's shards (local tensors of the DTensors, write-through views)
+        grads = [local(p.grad) for p in sources] if self.sharded else [p.grad for p in sources]  # type: ignore[arg-type]
+        swap = self._can_swap and not any(g._is_view() for g in grads)  # type: ignore[union-attr]
+        saved: list[Tensor] = []
+        if not swap:
+            if self._saved_views is None:
+                own_copy = self.info.sparse and self.variant.keeps_own_copy
+                self._saved_views = [] if own_copy else self._allocate_saved()
+            if self._key_saved is None:
+                self._key_saved = [self._saved_views[i] for i in key] if self._saved_views else []
+            saved = self._key_saved
         return StepTensors(
             self._key_names,
             self._key_params,
             grads,  # type: ignore[arg-type]
-            [] if swap else self._key_saved,
+            saved,
             step=self.step_count,
             reduction=self._key_reduction,
             swap=swap,

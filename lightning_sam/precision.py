@@ -40,6 +40,15 @@ def gradients_of(optimizer: Optimizer) -> list[Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
+def drop_gradients(optimizer: Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)`` without its per-call overhead (profiler scope, hooks): every
+    parameter of the optimizer loses its gradient, so the next backward writes fresh ones and ``optimizer.step()``
+    skips a parameter left without one."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 def _agreed(flag: Tensor, across_ranks: bool) -> bool:
     """``flag`` (1.0 = non-finite) as a bool, MAX-reduced over ranks first when ``across_ranks`` (one host sync)."""
     if across_ranks and world_size() > 1:
@@ -81,9 +90,7 @@ class NoScaling:
                 return False
         elif not _agreed((~torch.isfinite(second_loss.detach())).float().reshape(()), across_ranks=True):
             return False
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        drop_gradients(optimizer)
         self.warn(
             f"{self.adapter}: the loss at the perturbed weights is not finite at step {step}: this optimizer step is "
             "skipped (weights and optimizer state unchanged). If it repeats, lower rho or the learning rate "

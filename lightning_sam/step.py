@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam.precision import NoScaling, Precision
+from lightning_sam.precision import NoScaling, Precision, drop_gradients
 
 if TYPE_CHECKING:
     from lightning_sam.engine import SAMEngine
@@ -57,15 +57,6 @@ class StepOutcome:
     perturbation_norm: Tensor | None = None
     second_loss: Tensor | None = None
     skipped: bool = False
-
-
-def drop_gradients(optimizer: Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)`` without its per-call overhead (profiler scope, hooks): pass 2 writes
-    fresh gradients (no zeroing kernel, no accumulation into zeros); a parameter it leaves without one is skipped by
-    the optimizer, as after Lightning's own ``zero_grad``."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
 
 
 class TwoPassStep:
@@ -124,7 +115,7 @@ class TwoPassStep:
                 if index:  # multi-step variants ascend again from the previous pass's (local) gradient
                     precision.unscale_between_ascents(optimizer)
                     engine.ascend(measure=False)  # ||e|| is the first ascent's
-                if optimizer is not None:
+                if optimizer is not None:  # pass 2 writes fresh gradients (no zeroing, no accumulation into zeros)
                     drop_gradients(optimizer)
                 loss = replay.second_pass(index == passes - 1)
             precision.finish_second_pass(optimizer)
